@@ -1,0 +1,85 @@
+"""secateur: post-training pruning of large language models.
+
+    import secateur
+    loaded = secateur.load("smollm2-135m")
+    model, report = secateur.prune(loaded.model, {"method": "wanda", "sparsity": 0.5}, "wiki-passages",
+                                   tokenizer=loaded.tokenizer)
+    secateur.evaluate(model, loaded.tokenizer, "wikitext2", seqlen=2048, data_dir="../shared/data")
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from secateur.errors import SecateurError
+from secateur.recipe import Recipe
+
+try:
+    __version__ = version("secateur")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0+local"
+
+__all__ = ["Recipe", "SecateurError", "evaluate", "load", "prune", "__version__"]
+
+
+def load(spec: str | None = None, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Load a model: a local HF directory, a hub id, a .gguf file, or an alias (smollm2-135m,
+    gemma3-270m). Returns a `LoadedModel` with `.model` and `.tokenizer`."""
+    from secateur.models import load_model
+
+    return load_model(spec, dtype=dtype, device=device)
+
+
+def as_recipe(recipe: Recipe | dict[str, Any] | str | Path | None) -> Recipe:
+    if recipe is None:
+        return Recipe()
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    return Recipe.from_yaml(recipe)
+
+
+def prune(model, recipe=None, data=None, *, tokenizer=None, device: str = "cpu", data_dir=None, progress=True):
+    """Prune `model` in place and return `(model, report)`.
+
+    `recipe`: a `Recipe`, a dict of its fields, or a YAML path. `data`: calibration windows as
+    a LongTensor (nsamples, seqlen), a `CalibrationData`, a source name or path (needs
+    `tokenizer`; drawn with the recipe's nsamples/seqlen/seed), or None to use the recipe's
+    `calib` source (methods that need no data, like magnitude, skip it).
+    """
+    from secateur.data import CalibrationData, calibration_windows
+    from secateur.engine import prune_model
+    from secateur.methods import get_method
+    from secateur.models import get_adapter
+
+    recipe = as_recipe(recipe)
+    adapter = get_adapter(model)
+    method = get_method(recipe.method, **recipe.method_options)
+    needs_data = bool(method.needs) or recipe.allocation == "owl"
+    input_ids = None
+    if needs_data:
+        if data is None or isinstance(data, (str, Path)):
+            if tokenizer is None:
+                raise SecateurError("calibration from a text source needs the model's tokenizer (tokenizer=...)")
+            data = calibration_windows(
+                tokenizer, str(data or recipe.calib), nsamples=recipe.nsamples, seqlen=recipe.seqlen,
+                seed=recipe.seed, data_dir=data_dir,
+            )
+        input_ids = data.input_ids if isinstance(data, CalibrationData) else torch.as_tensor(data)
+        if input_ids.ndim != 2:
+            raise SecateurError(f"calibration input_ids must be (nsamples, seqlen), got shape {tuple(input_ids.shape)}")
+    report = prune_model(model, adapter, method, recipe, input_ids, device=device, progress=progress)
+    return model, report
+
+
+def evaluate(model, tokenizer, dataset: str, *, seqlen: int = 2048, max_windows=None, data_dir=None, device="cpu"):
+    """Perplexity of `model` on `dataset` (wikitext2, c4, wiki-passages or a file), with its protocol."""
+    from secateur.eval import perplexity
+
+    return perplexity(model, tokenizer, dataset, seqlen=seqlen, max_windows=max_windows, data_dir=data_dir,
+                      device=device)

@@ -1,0 +1,59 @@
+"""OWL (outlier-weighted layerwise sparsity): give blocks with more outlier weights less sparsity.
+
+Pure functions: the engine computes each block's Wanda scores in a first pass, turns them
+into one outlier ratio per block with `outlier_ratio`, then asks `owl_sparsities` for the
+per-block sparsities to prune with.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from secateur.errors import SecateurError
+
+
+def outlier_ratio(scores: list[torch.Tensor] | torch.Tensor, threshold: float = 5.0) -> float:
+    """Fraction of a block's scores larger than `threshold` × their mean, all its layers pooled.
+
+    The pooled mean is computed from per-tensor sums, so the layers are never concatenated
+    (a block's scores can be hundreds of MB).
+    """
+    tensors = [scores] if isinstance(scores, torch.Tensor) else list(scores)
+    if not tensors or sum(t.numel() for t in tensors) == 0:
+        raise SecateurError("outlier_ratio needs at least one score")
+    if not threshold > 0:
+        raise SecateurError(f"outlier threshold must be > 0 (OWL uses 5), got {threshold}")
+    total = sum(t.numel() for t in tensors)
+    mean = sum(t.double().sum().item() for t in tensors) / total
+    above = sum(int((t.double() > threshold * mean).sum().item()) for t in tensors)
+    return above / total
+
+
+def owl_sparsities(ratios: Sequence[float], target: float, lam: float = 0.08) -> list[float]:
+    """Per-block sparsities: outlier ratios mapped linearly, reversed, onto a span of 2·lam.
+
+    The block with the most outliers gets target − lam and the one with the fewest target + lam;
+    then all are shifted so their mean is exactly `target`. The shift moves the range unless the
+    ratios are symmetric around their midrange, so values lie within target ± 2·lam·(1 − 1/L)
+    (L = number of blocks), not always within target ± lam. Equal ratios give the uniform target.
+    The result is clipped to [0, 0.99]; clipping can move the mean only when that wider range
+    target ± 2·lam·(1 − 1/L) leaves [0, 0.99].
+    """
+    values = [float(r) for r in ratios]
+    if not values:
+        raise SecateurError("owl_sparsities needs at least one block's outlier ratio")
+    if not all(math.isfinite(r) for r in values):
+        raise SecateurError(f"outlier ratios must be finite numbers, got {values}")
+    if not 0.0 <= target < 1.0:
+        raise SecateurError(f"OWL target sparsity must be in [0, 1), got {target}")
+    if not lam >= 0.0:
+        raise SecateurError(f"OWL lambda must be >= 0 (0.08 is usual), got {lam}")
+    low, high = min(values), max(values)
+    if high == low or lam == 0.0:
+        return [target] * len(values)
+    mapped = [target + lam - 2.0 * lam * (r - low) / (high - low) for r in values]
+    shift = target - sum(mapped) / len(mapped)
+    return [min(max(v + shift, 0.0), 0.99) for v in mapped]

@@ -1,0 +1,23 @@
+"""Text for calibration and evaluation: sources with provenance, calibration windows."""
+
+from secateur.data.sources import (
+    DATA_DIR_ENV,
+    FILE_TYPES,
+    NAMED_DATASETS,
+    Documents,
+    load_documents,
+    resolve_data_dir,
+)
+from secateur.data.windows import CalibrationData, calibration_windows, special_tokens_added
+
+__all__ = [
+    "DATA_DIR_ENV",
+    "FILE_TYPES",
+    "NAMED_DATASETS",
+    "CalibrationData",
+    "Documents",
+    "calibration_windows",
+    "load_documents",
+    "resolve_data_dir",
+    "special_tokens_added",
+]

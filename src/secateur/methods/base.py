@@ -1,0 +1,84 @@
+"""What a pruning method is, to the engine.
+
+A method is a small object with two duties (the split llm-compressor uses):
+  1. say which input statistics it needs (`needs`, names from `secateur.stats`);
+  2. given one layer's weight, bias and statistics, return the pruned weight and bias.
+
+It sees plain tensors only: `weight` is always (out_features, in_features) float32,
+whatever the architecture stores (GPT-2's Conv1D is transposed by its adapter).
+It knows no architecture, no module, no block: the engine and adapters do that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+import torch
+
+from secateur.errors import SecateurError
+from secateur.stats import LinearStats
+
+
+@dataclass(frozen=True)
+class SparsityTarget:
+    """How many weights of one layer to remove, and in which comparison groups.
+
+    kind "unstructured": remove floor(sparsity · group size) weights in each group, the
+    group being one output row (scope "row") or the whole matrix (scope "layer").
+    kind "nm": in every run of `m` consecutive input columns of a row, remove `n`.
+    """
+
+    kind: str  # "unstructured" | "nm"
+    sparsity: float  # fraction removed; for N:M it is n / m
+    n: int = 0
+    m: int = 0
+    scope: str = "row"  # "row" | "layer" (unstructured only)
+
+    @staticmethod
+    def unstructured(sparsity: float, scope: str = "row") -> SparsityTarget:
+        return SparsityTarget("unstructured", float(sparsity), scope=scope)
+
+    @staticmethod
+    def n_m(n: int, m: int) -> SparsityTarget:
+        return SparsityTarget("nm", n / m, n=n, m=m)
+
+    def check_layer(self, in_features: int, where: str) -> None:
+        if self.kind == "nm" and in_features % self.m:
+            raise SecateurError(
+                f"{self.n}:{self.m} sparsity needs the input width of every targeted layer to be a multiple "
+                f"of {self.m}, but {where} has {in_features}; use an M that divides it, or --ignore the layer"
+            )
+
+
+@dataclass
+class PruneResult:
+    weight: torch.Tensor  # (out, in), same shape as given, pruned entries exactly 0
+    bias: torch.Tensor | None = None  # new bias (out,), or None to leave the bias as it was
+
+
+class Method(Protocol):
+    name: ClassVar[str]
+    needs: ClassVar[frozenset[str]]  # statistics the engine must gather for each layer
+
+    def prune(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, stats: LinearStats, target: SparsityTarget
+    ) -> PruneResult: ...
+
+
+METHODS: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    """Class decorator: make a method available by its `name` (CLI --method, recipe `method`)."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str, **options) -> Method:
+    """Instantiate a registered method; `options` are its recipe parameters (e.g. blocksize)."""
+    from secateur import methods as _all  # noqa: F401  (importing the package registers every method)
+
+    if name not in METHODS:
+        raise SecateurError(f"unknown method {name!r}; accepted: {', '.join(sorted(METHODS))}")
+    return METHODS[name](**options)
