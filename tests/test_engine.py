@@ -138,10 +138,11 @@ def test_pruned_model_logits_survive_save_and_reload(arch, tmp_path):
     model = build_tiny_model(arch)
     secateur.prune(model, Recipe(method="stade", sparsity=0.5), calibration_ids(model), progress=False)
     model.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    # same attention kernel as the tiny model, so "identical" can mean exact
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     ids = calibration_ids(model, nsamples=1, seed=3)
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-6)
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
 
 
 def test_sparsegpt_beats_wanda_on_block_output_error():

@@ -90,7 +90,11 @@ def test_magnitude_default_is_layer_scope():
 
 @pytest.mark.parametrize(
     ("name", "options"),
-    [("magnitude", {"scope": "column"}), ("sparsegpt", {"mask_scope": "tile"}), ("sparsegpt", {"blocksize": 0})],
+    [
+        ("magnitude", {"scope": "column"}),
+        ("sparsegpt", {"mask_scope": "tile"}),
+        ("sparsegpt", {"blocksize": 0}),
+    ],
 )
 def test_bad_options_name_accepted_values(name, options):
     with pytest.raises(SecateurError):
@@ -204,3 +208,31 @@ def test_sparsegpt_merged_stats_equal_one_pass():
     b = method.prune(w, None, merged, HALF).weight
     assert torch.equal(a, b)
     assert not torch.equal(a[a != 0], w[a != 0])  # the kept weights were really updated
+
+
+def test_sparsegpt_hand_example_two_columns():
+    # H = [[2, 1], [1, 2]], no damping. Pruning w0 is compensated optimally by w1 += w0·H01/H11:
+    # row (1, 3): saliencies w²/U_jj² = 1/(2/3) = 1.5 and 9/(1/2) = 18 → prune col 0, w1 = 3.5.
+    # row (3, 1): 13.5 and 2 → prune col 1, the last column, so nothing is updated.
+    method = get_method("sparsegpt", damp=0.0)
+    stats = LinearStats(
+        2, method.needs, count=2, gram=torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    )
+    result = method.prune(torch.tensor([[1.0, 3.0], [3.0, 1.0]]), None, stats, HALF)
+    assert torch.allclose(result.weight, torch.tensor([[0.0, 3.5], [3.0, 0.0]]), atol=1e-6)
+    assert result.weight[0, 0] == 0 and result.weight[1, 1] == 0
+
+
+@pytest.mark.parametrize("blocksize", [3, 4, 24])  # 3 is rounded up to 4; 24 leaves a partial last block
+def test_sparsegpt_lazy_blocks_equal_column_by_column(blocksize):
+    # For N:M the mask decisions happen at the same columns whatever the block size, so the lazy
+    # block update must give the same result as updating every later column at once.
+    x = correlated_inputs(256, 64, seed=16)
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(17))
+    target = SparsityTarget.n_m(2, 4)
+    small = get_method("sparsegpt", blocksize=blocksize)
+    whole = get_method("sparsegpt", blocksize=64)
+    a = small.prune(w, None, stats_for(small, x), target).weight
+    b = whole.prune(w, None, stats_for(whole, x), target).weight
+    assert torch.equal(a == 0, b == 0)
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)

@@ -76,21 +76,21 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def _config(arch: str) -> PretrainedConfig:
     tokenizer = tiny_tokenizer()
-    ids = dict(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    llama_like = dict(
-        hidden_size=HIDDEN,
-        intermediate_size=FFN,
-        num_hidden_layers=2,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        max_position_embeddings=MAX_POSITIONS,
+    ids = {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    llama_like = {
+        "hidden_size": HIDDEN,
+        "intermediate_size": FFN,
+        "num_hidden_layers": 2,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "max_position_embeddings": MAX_POSITIONS,
         **ids,
-    )
+    }
     if arch == "llama":
         return LlamaConfig(**llama_like)
     if arch == "mistral":
@@ -119,7 +119,9 @@ def _config(arch: str) -> PretrainedConfig:
             **ids,
         )
     if arch == "gpt2":
-        return GPT2Config(n_embd=HIDDEN, n_inner=FFN, n_layer=2, n_head=HEADS, n_positions=MAX_POSITIONS, **ids)
+        return GPT2Config(
+            n_embd=HIDDEN, n_inner=FFN, n_layer=2, n_head=HEADS, n_positions=MAX_POSITIONS, **ids
+        )
     if arch == "gpt_neox":
         return GPTNeoXConfig(
             hidden_size=HIDDEN,

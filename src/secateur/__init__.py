@@ -23,7 +23,7 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+local"
 
-__all__ = ["Recipe", "SecateurError", "evaluate", "load", "prune", "__version__"]
+__all__ = ["Recipe", "SecateurError", "__version__", "evaluate", "load", "prune"]
 
 
 def load(spec: str | None = None, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):

@@ -1,8 +1,9 @@
 """OWL (outlier-weighted layerwise sparsity): give blocks with more outlier weights less sparsity.
 
-Pure functions: the engine computes each block's Wanda scores in a first pass, turns them
-into one outlier ratio per block with `outlier_ratio`, then asks `owl_sparsities` for the
-per-block sparsities to prune with.
+Pure functions: in a first dense pass the engine hands each block's weights and input
+statistics to `block_outlier_ratio` (Wanda scores → fraction of outliers), then asks
+`owl_sparsities` for the per-block sparsities to prune with. OWL counts outliers of the
+Wanda score whatever method then prunes, as the OWL paper does.
 """
 
 from __future__ import annotations
@@ -13,6 +14,16 @@ from collections.abc import Sequence
 import torch
 
 from secateur.errors import SecateurError
+from secateur.methods.wanda import wanda_scores
+from secateur.stats import LinearStats
+
+# Statistics the first pass must gather for `block_outlier_ratio` (those of Wanda's score).
+OWL_NEEDS = frozenset({"sumsq"})
+
+
+def block_outlier_ratio(layers: Sequence[tuple[torch.Tensor, LinearStats]], threshold: float = 5.0) -> float:
+    """OWL's outlier ratio of one block from its layers' (weight, input statistics) pairs."""
+    return outlier_ratio([wanda_scores(weight, stats) for weight, stats in layers], threshold)
 
 
 def outlier_ratio(scores: list[torch.Tensor] | torch.Tensor, threshold: float = 5.0) -> float:

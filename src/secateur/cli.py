@@ -8,12 +8,10 @@ become underscores); a flag given on the command line overrides the same field o
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import sys
 import time
-from pathlib import Path
 
 import torch
 import yaml
@@ -98,7 +96,7 @@ def _resolve_device_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
     return device, getattr(torch, dtype)
 
 
-def _recipe_from_args(args) -> "Recipe":  # noqa: F821
+def _recipe_from_args(args) -> Recipe:  # noqa: F821
     from secateur.recipe import Recipe
 
     base = Recipe.from_yaml(args.recipe).to_dict() if args.recipe else {}
@@ -122,8 +120,9 @@ def _recipe_from_args(args) -> "Recipe":  # noqa: F821
 
 
 def _peak_memory_mb(device: str) -> dict:
+    """The whole process's peak (loading and evaluation included), beside the pruning phase's own."""
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    peak = {"cpu_rss_peak_mb": round(rss_kb / 1024, 1)}
+    peak = {"process_rss_peak_mb": round(rss_kb / 1024, 1)}
     if torch.device(device).type == "cuda":
         peak["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return peak
@@ -213,7 +212,7 @@ def cmd_prune(args) -> int:
                    | ({"bias_updated": True} if layer.get("bias_updated") else {}) for layer in report.layers],
         "perplexity": perplexity,
         "timings_s": report.timings_s | {"run_total": round(time.perf_counter() - started, 3)},
-        "peak_memory_mb": _peak_memory_mb(device),
+        "peak_memory_mb": report.memory_mb | _peak_memory_mb(device),
         "protocol": {
             "calibration": calibration.protocol if calibration is not None else None,
             "evaluation": eval_protocol,
@@ -263,9 +262,18 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if args.quiet:
+            _quiet_transformers()
         return {"prune": cmd_prune, "eval": cmd_eval}[args.command](args)
     except SecateurError as error:
         print(f"secateur: error: {error}", file=sys.stderr)

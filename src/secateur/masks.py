@@ -32,6 +32,13 @@ def mask_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     if k <= 0:
         return mask
+    if scores.numel() == scores.shape[-1] and k < scores.numel():
+        # One big group (scope "layer"): a selection is ~5x faster than sorting tens of millions.
+        # Same result as the stable sort: everything below the k-th value, then ties by index.
+        kth = scores.kthvalue(k, dim=-1, keepdim=True).values
+        below = scores < kth
+        ties = scores == kth
+        return below | (ties & (ties.cumsum(-1) <= k - below.sum(-1, keepdim=True)))
     order = torch.argsort(scores, dim=-1, stable=True)
     return mask.scatter_(-1, order[..., :k], True)
 
@@ -58,7 +65,9 @@ def prune_mask(scores: torch.Tensor, target: SparsityTarget) -> torch.Tensor:
         if not (target.m > 0 and 0 <= target.n <= target.m):
             raise SecateurError(f"N:M sparsity needs 0 <= N <= M and M > 0, got {target.n}:{target.m}")
         if cols % target.m:
-            raise SecateurError(f"{target.n}:{target.m} sparsity needs an input width divisible by {target.m}")
+            raise SecateurError(
+                f"{target.n}:{target.m} sparsity needs an input width divisible by {target.m}"
+            )
         grouped = scores.reshape(rows, cols // target.m, target.m)
         return mask_lowest(grouped, target.n).reshape(rows, cols)
     raise SecateurError(f"unknown sparsity kind {target.kind!r}; accepted: nm, unstructured")

@@ -5,6 +5,7 @@ from secateur.data.sources import (
     FILE_TYPES,
     NAMED_DATASETS,
     Documents,
+    check_dataset_name,
     load_documents,
     resolve_data_dir,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "CalibrationData",
     "Documents",
     "calibration_windows",
+    "check_dataset_name",
     "load_documents",
     "resolve_data_dir",
     "special_tokens_added",

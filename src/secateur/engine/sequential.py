@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from secateur.allocation import outlier_ratio, owl_sparsities
+from secateur.allocation import OWL_NEEDS, block_outlier_ratio, owl_sparsities
 from secateur.engine.capture import BlockCall, capture_block_inputs, run_block
+from secateur.engine.memory import PeakMemory
 from secateur.errors import SecateurError
 from secateur.methods.base import Method, SparsityTarget
 from secateur.models.base import Adapter, LinearView
@@ -41,6 +41,7 @@ class PruneReport:
     block_sparsity: list[float] = field(default_factory=list)  # target per block
     owl_outlier_ratios: list[float] | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
+    memory_mb: dict = field(default_factory=dict)  # peak RSS of the pruning phase (and CUDA peak)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -90,6 +91,43 @@ def targeted_linears(adapter: Adapter, block: nn.Module, index: int, ignore: tup
     }
 
 
+class _SharedInputStats:
+    """Hooks that feed each linear's `LinearStats`, computing each statistic once per input.
+
+    q/k/v (and gate/up) receive the very same input tensor; their statistics are identical,
+    and for SparseGPT's XᵀX computing them once instead of three times is most of the cost.
+    Layers are matched by tensor identity (not address, which can be reused after a free).
+    """
+
+    def __init__(self, views: dict[str, LinearView], needs: frozenset[str]):
+        self.stats: dict[str, LinearStats] = {}
+        self.owner: dict[str, str] = {}  # layer -> layer whose statistics it shares
+        self._seen: list[tuple[torch.Tensor, str]] = []
+        self._needs = needs
+        self._handles = [
+            view.module.register_forward_hook(lambda _m, inputs, _out, name=name: self._hook(name, inputs[0]))
+            for name, view in views.items()
+        ]
+
+    def _hook(self, name: str, x: torch.Tensor) -> None:
+        if name not in self.owner:  # first window: find who, if anyone, saw this tensor already
+            shared = next((owner for seen, owner in self._seen if seen is x), None)
+            self.owner[name] = shared or name
+            if shared is None:
+                self.stats[name] = LinearStats(x.shape[-1], self._needs)
+        self._seen.append((x, name))
+        if self.owner[name] == name:
+            self.stats[name].update(x)
+
+    def end_window(self) -> None:
+        self._seen.clear()
+
+    def close(self) -> dict[str, LinearStats]:
+        for handle in self._handles:
+            handle.remove()
+        return {name: self.stats[owner] for name, owner in self.owner.items()}
+
+
 @torch.no_grad()
 def _gather_stats(
     block: nn.Module,
@@ -98,38 +136,38 @@ def _gather_stats(
     hidden: list[torch.Tensor],
     call: BlockCall,
     device,
-    keep_outputs: bool,
-) -> tuple[dict[str, LinearStats], list[torch.Tensor] | None]:
-    """One pass of `block` over every window with hooks feeding `LinearStats`."""
-    stats = {name: LinearStats(view.in_features, needs) for name, view in views.items()}
-    handles = [
-        view.module.register_forward_hook(lambda _m, inputs, _out, s=stats[name]: s.update(inputs[0]))
-        for name, view in views.items()
-    ]
-    outputs = [] if keep_outputs else None
+    replace_with_outputs: bool,
+) -> dict[str, LinearStats]:
+    """One pass of `block` over every window with hooks feeding `LinearStats`.
+
+    With `replace_with_outputs`, each window's input is replaced by the block's output as we go
+    (the pass then doubles as the forward to the next block; memory stays at one copy)."""
+    gatherer = _SharedInputStats(views, needs)
     try:
-        for x in hidden:
+        for index, x in enumerate(hidden):
             out = run_block(block, x.to(device), call)
-            if keep_outputs:
-                outputs.append(out.to(x.device))
+            gatherer.end_window()
+            if replace_with_outputs:
+                hidden[index] = out.to(x.device)
     finally:
-        for handle in handles:
-            handle.remove()
-    return stats, outputs
+        stats = gatherer.close()
+    missing = sorted(set(views) - set(stats))
+    if missing:
+        raise SecateurError(f"layers {missing} were never called by their block; the adapter lists wrong layers")
+    return stats
 
 
 @torch.no_grad()
-def _forward_all(block, hidden: list[torch.Tensor], call: BlockCall, device, index: int) -> list[torch.Tensor]:
-    outputs = []
-    for x in hidden:
+def _forward_all(block, hidden: list[torch.Tensor], call: BlockCall, device, index: int) -> None:
+    """Replace every window's input by the block's output, one window at a time (one copy in memory)."""
+    for position, x in enumerate(hidden):
         out = run_block(block, x.to(device), call).to(x.device)
         if not torch.isfinite(out).all():
             raise SecateurError(
                 f"block {index} produced NaN or Inf activations on the calibration text; "
                 "use --dtype float32, or check the model and the calibration data"
             )
-        outputs.append(out)
-    return outputs
+        hidden[position] = out
 
 
 def _owl_ratios(adapter, blocks, hidden, calls, recipe, device, bar) -> list[float]:
@@ -138,13 +176,11 @@ def _owl_ratios(adapter, blocks, hidden, calls, recipe, device, bar) -> list[flo
     for index, block in enumerate(blocks):
         block.to(device)
         views = targeted_linears(adapter, block, index, recipe.ignore)
-        stats, hidden = _gather_stats(block, views, frozenset({"sumsq"}), hidden, calls[index], device, True)
-        scores = [
-            view.get_weight().float().abs() * stats[name].column_norm().to(view.get_weight().device).float()
-            for name, view in views.items()
-        ]
-        ratios.append(outlier_ratio(scores, recipe.owl_threshold) if scores else 0.0)
-        block.to("cpu") if str(device) != "cpu" else None
+        stats = _gather_stats(block, views, OWL_NEEDS, hidden, calls[index], device, True)
+        layers = [(view.get_weight().float(), stats[name]) for name, view in views.items()]
+        ratios.append(block_outlier_ratio(layers, recipe.owl_threshold) if layers else 0.0)
+        if str(device) != "cpu":
+            block.to("cpu")
         bar.update(1)
     return ratios
 
@@ -158,9 +194,16 @@ def prune_model(
     *,
     device: torch.device | str = "cpu",
     progress: bool = True,
-    log: Callable[[str], None] = lambda _msg: None,
 ) -> PruneReport:
-    """Prune `model` in place following `recipe`; return what was done and how long it took."""
+    """Prune `model` in place following `recipe`; return what was done, how long it took and
+    the peak memory of the pruning phase."""
+    with PeakMemory(device) as memory:
+        report = _prune_model(model, adapter, method, recipe, input_ids, device=device, progress=progress)
+    report.memory_mb = memory.result()
+    return report
+
+
+def _prune_model(model, adapter, method, recipe, input_ids, *, device, progress) -> PruneReport:
     report = PruneReport()
     timer = _Timer(device)
     start = time.perf_counter()
@@ -169,6 +212,11 @@ def prune_model(
     needs_data = bool(method.needs) or recipe.allocation == "owl"
     if needs_data and input_ids is None:
         raise SecateurError(f"method {recipe.method!r} needs calibration data; give --calib")
+
+    target = recipe.target()
+    for index, block in enumerate(blocks):  # refuse an impossible N:M before any work
+        for view in targeted_linears(adapter, block, index, recipe.ignore).values():
+            target.check_layer(view.in_features, module_names[view.module])
 
     hidden: list[torch.Tensor] = []
     calls: list[BlockCall] = []
@@ -190,13 +238,11 @@ def prune_model(
             block.to(device)
             views = targeted_linears(adapter, block, index, recipe.ignore)
             target = recipe.target(sparsities[index])
-            for name, view in views.items():
-                target.check_layer(view.in_features, module_names[view.module])
 
             stats: dict[str, LinearStats] = {}
             if method.needs:
                 with timer.phase("calibration_forward"):
-                    stats, _ = _gather_stats(block, views, method.needs, hidden, calls[index], device, False)
+                    stats = _gather_stats(block, views, method.needs, hidden, calls[index], device, False)
                 for name in views:
                     stats[name].check_finite(module_names[views[name].module])
             with timer.phase("pruning"):
@@ -204,7 +250,7 @@ def prune_model(
                     _prune_linear(adapter, block, name, view, method, stats.get(name), target, report, module_names)
             if needs_data and index + 1 < len(blocks):
                 with timer.phase("calibration_forward"):
-                    hidden = _forward_all(block, hidden, calls[index], device, index)
+                    _forward_all(block, hidden, calls[index], device, index)
             if str(device) != "cpu":
                 block.to("cpu")
             bar.update(1)

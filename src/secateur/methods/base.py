@@ -11,6 +11,7 @@ It knows no architecture, no module, no block: the engine and adapters do that.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -81,4 +82,11 @@ def get_method(name: str, **options) -> Method:
 
     if name not in METHODS:
         raise SecateurError(f"unknown method {name!r}; accepted: {', '.join(sorted(METHODS))}")
-    return METHODS[name](**options)
+    cls = METHODS[name]
+    accepted = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise SecateurError(
+            f"unknown option(s) {unknown} for method {name!r}; accepted: {', '.join(accepted) or 'none'}"
+        )
+    return cls(**options)

@@ -90,7 +90,10 @@ class LlamaLikeAdapter(_LayoutAdapter):
     _attention: ClassVar[tuple[str, ...]] = tuple(f"self_attn.{p}_proj" for p in "qkvo")
     _mlp: ClassVar[tuple[str, ...]] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     linear_names = _attention + _mlp
-    bias_flags = {**dict.fromkeys(_attention, "attention_bias"), **dict.fromkeys(_mlp, "mlp_bias")}
+    bias_flags: ClassVar[dict[str, str]] = {
+        **dict.fromkeys(_attention, "attention_bias"),
+        **dict.fromkeys(_mlp, "mlp_bias"),
+    }
 
     def geometry(self) -> Geometry:
         c = self.config
@@ -115,19 +118,19 @@ class LlamaAdapter(LlamaLikeAdapter):
 @register
 class MistralAdapter(LlamaLikeAdapter):
     model_types = ("mistral",)
-    bias_flags = {}
+    bias_flags: ClassVar[dict[str, str]] = {}
 
 
 @register
 class Qwen2Adapter(LlamaLikeAdapter):
     model_types = ("qwen2",)
-    bias_flags = {}  # q/k/v already have biases; o_proj and the MLP cannot
+    bias_flags: ClassVar[dict[str, str]] = {}  # q/k/v already have biases; o_proj and the MLP cannot
 
 
 @register
 class AttentionBiasOnlyAdapter(LlamaLikeAdapter):
     model_types = ("qwen3", "gemma3_text")
-    bias_flags = dict.fromkeys(LlamaLikeAdapter._attention, "attention_bias")
+    bias_flags: ClassVar[dict[str, str]] = dict.fromkeys(LlamaLikeAdapter._attention, "attention_bias")
 
 
 @register
@@ -143,7 +146,7 @@ class OPTAdapter(_LayoutAdapter):
         "fc1",
         "fc2",
     )
-    bias_flags = dict.fromkeys(linear_names, "enable_bias")
+    bias_flags: ClassVar[dict[str, str]] = dict.fromkeys(linear_names, "enable_bias")
 
     def geometry(self) -> Geometry:
         c = self.config
@@ -184,7 +187,7 @@ class GPTNeoXAdapter(_LayoutAdapter):
     blocks_attr = "layers"
     # query_key_value is fused and interleaved per head: (heads, 3, head_dim) rows.
     linear_names = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
-    bias_flags = dict.fromkeys(("attention.query_key_value", "attention.dense"), "attention_bias")
+    bias_flags: ClassVar[dict[str, str]] = dict.fromkeys(linear_names[:2], "attention_bias")
 
     def geometry(self) -> Geometry:
         c = self.config

@@ -1,0 +1,5 @@
+"""Evaluation: perplexity under the published protocol."""
+
+from secateur.eval.perplexity import perplexity
+
+__all__ = ["perplexity"]
