@@ -54,13 +54,15 @@ def prune(model, recipe=None, data=None, *, tokenizer=None, device: str = "cpu",
     """
     from secateur.data import CalibrationData, calibration_windows
     from secateur.engine import prune_model
+    from secateur.engine.structured import prune_structured
     from secateur.methods import get_method
     from secateur.models import get_adapter
 
     recipe = as_recipe(recipe)
     adapter = get_adapter(model)
     method = get_method(recipe.method, **recipe.method_options)
-    needs_data = bool(method.needs) or recipe.allocation == "owl"
+    structured = getattr(method, "structured", False)
+    needs_data = structured or bool(method.needs) or recipe.allocation == "owl"
     input_ids = None
     if needs_data:
         if data is None or isinstance(data, (str, Path)):
@@ -73,7 +75,8 @@ def prune(model, recipe=None, data=None, *, tokenizer=None, device: str = "cpu",
         input_ids = data.input_ids if isinstance(data, CalibrationData) else torch.as_tensor(data)
         if input_ids.ndim != 2:
             raise SecateurError(f"calibration input_ids must be (nsamples, seqlen), got shape {tuple(input_ids.shape)}")
-    report = prune_model(model, adapter, method, recipe, input_ids, device=device, progress=progress)
+    run = prune_structured if structured else prune_model
+    report = run(model, adapter, method, recipe, input_ids, device=device, progress=progress)
     return model, report
 
 

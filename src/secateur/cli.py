@@ -183,7 +183,7 @@ def cmd_prune(args) -> int:
     model, tokenizer = loaded.model, loaded.tokenizer
     method = get_method(recipe.method, **recipe.method_options)
     calibration = None
-    if method.needs or recipe.allocation == "owl":
+    if getattr(method, "structured", False) or method.needs or recipe.allocation == "owl":
         calibration = calibration_windows(tokenizer, recipe.calib, nsamples=recipe.nsamples, seqlen=recipe.seqlen,
                                           seed=recipe.seed, data_dir=args.data_dir)
 
@@ -210,6 +210,7 @@ def cmd_prune(args) -> int:
         "owl_outlier_ratios": report.owl_outlier_ratios,
         "layers": [{k: layer[k] for k in ("name", "shape", "sparsity") if k in layer}
                    | ({"bias_updated": True} if layer.get("bias_updated") else {}) for layer in report.layers],
+        "structure": report.structure,
         "perplexity": perplexity,
         "timings_s": report.timings_s | {"run_total": round(time.perf_counter() - started, 3)},
         "peak_memory_mb": report.memory_mb | _peak_memory_mb(device),
@@ -233,6 +234,17 @@ def cmd_prune(args) -> int:
 
 
 def _summary(results: dict, out) -> None:
+    structure = results.get("structure")
+    if structure:
+        print(f"{results['method']} target {results['sparsity_target']:.3f}: removed "
+              f"{results['sparsity_achieved']:.4f} of the decoder blocks' parameters "
+              f"({structure['params_before']:,} -> {structure['params_after']:,}) in {results['timings_s']['total']:.1f} s")
+        _print_table(results["perplexity"])
+        for warning in results["warnings"]:
+            print(f"warning: {warning}", file=sys.stderr)
+        if out:
+            print(f"saved to {out}")
+        return
     print(f"{results['method']} {results['sparsity_type']} target {results['sparsity_target']:.3f}: "
           f"achieved {results['sparsity_achieved']:.4f} over {len(results['layers'])} layers "
           f"in {results['timings_s']['total']:.1f} s (calibration forward "

@@ -41,7 +41,12 @@ class Recipe:
     def __post_init__(self) -> None:
         from secateur.methods.base import get_method
 
-        get_method(self.method, **self.method_options)  # unknown method / option → SecateurError
+        method = get_method(self.method, **self.method_options)  # unknown method / option → SecateurError
+        if getattr(method, "structured", False) and (self.sparsity_type != "unstructured" or self.allocation != "uniform"):
+            raise SecateurError(
+                f"{self.method} is structured: --sparsity is the fraction of decoder-block parameters removed; "
+                "--sparsity-type and --allocation owl apply to unstructured methods only"
+            )
         if not 0.0 <= self.sparsity < 1.0:
             raise SecateurError(f"sparsity {self.sparsity} is outside [0, 1); accepted: 0 <= sparsity < 1")
         self.target()  # validates sparsity_type

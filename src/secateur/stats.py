@@ -18,8 +18,10 @@ import torch
 
 from secateur.errors import SecateurError
 
-# Names a method may ask for in `Method.needs`.
-KNOWN_STATISTICS = frozenset({"sum", "sumsq", "gram"})
+# Names a method may ask for in `Method.needs`. The first three are of the layer's inputs X;
+# "out_sumsq" (Σ y², per output) and "cross" (XᵀY) also need its outputs Y.
+KNOWN_STATISTICS = frozenset({"sum", "sumsq", "gram", "out_sumsq", "cross"})
+OUTPUT_STATISTICS = frozenset({"out_sumsq", "cross"})
 
 
 @dataclass
@@ -32,14 +34,20 @@ class LinearStats:
     sum: torch.Tensor | None = field(default=None, repr=False)  # (cols,)  Σ x
     sumsq: torch.Tensor | None = field(default=None, repr=False)  # (cols,)  Σ x²
     gram: torch.Tensor | None = field(default=None, repr=False)  # (cols, cols)  XᵀX
+    out_sumsq: torch.Tensor | None = field(default=None, repr=False)  # (out,)  Σ y²
+    cross: torch.Tensor | None = field(default=None, repr=False)  # (cols, out)  XᵀY
 
     def __post_init__(self) -> None:
         unknown = set(self.needs) - KNOWN_STATISTICS
         if unknown:
             raise ValueError(f"unknown statistics {sorted(unknown)}; known: {sorted(KNOWN_STATISTICS)}")
 
-    def update(self, x: torch.Tensor) -> None:
-        """Add a batch of inputs; `x` has shape (..., cols)."""
+    @property
+    def needs_outputs(self) -> bool:
+        return bool(self.needs & OUTPUT_STATISTICS)
+
+    def update(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """Add a batch of inputs `x` (..., cols) and, for output statistics, outputs `y` (..., out)."""
         rows = x.detach().reshape(-1, self.cols).float()
         self.count += rows.shape[0]
         if "sum" in self.needs:
@@ -48,19 +56,25 @@ class LinearStats:
             self.sumsq = _add(self.sumsq, rows.square().sum(0))
         if "gram" in self.needs:
             self.gram = _add(self.gram, rows.T @ rows)
+        if self.needs_outputs:
+            outputs = y.detach().reshape(rows.shape[0], -1).float()
+            if "out_sumsq" in self.needs:
+                self.out_sumsq = _add(self.out_sumsq, outputs.square().sum(0))
+            if "cross" in self.needs:
+                self.cross = _add(self.cross, rows.T @ outputs)
 
     def merge(self, other: LinearStats) -> LinearStats:
         """Combine with statistics of the same layer gathered on other data."""
         if other.cols != self.cols or other.needs != self.needs:
             raise ValueError("can only merge statistics of the same layer and kind")
         merged = LinearStats(self.cols, self.needs, self.count + other.count)
-        for name in ("sum", "sumsq", "gram"):
+        for name in _SUMS:
             a, b = getattr(self, name), getattr(other, name)
             setattr(merged, name, b if a is None else a if b is None else a + b)
         return merged
 
     def check_finite(self, where: str) -> None:
-        for name in ("sum", "sumsq", "gram"):
+        for name in _SUMS:
             value = getattr(self, name)
             if value is not None and not torch.isfinite(value).all():
                 raise SecateurError(
@@ -82,6 +96,9 @@ class LinearStats:
     def column_norm(self) -> torch.Tensor:
         """‖X_:,j‖₂ over all calibration tokens (Wanda's activation norm)."""
         return self.sumsq.sqrt()
+
+
+_SUMS = ("sum", "sumsq", "gram", "out_sumsq", "cross")
 
 
 def _add(total: torch.Tensor | None, batch: torch.Tensor) -> torch.Tensor:

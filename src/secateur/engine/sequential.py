@@ -32,7 +32,7 @@ from secateur.errors import SecateurError
 from secateur.methods.base import Method, SparsityTarget
 from secateur.models.base import Adapter, LinearView
 from secateur.recipe import Recipe
-from secateur.stats import LinearStats
+from secateur.stats import OUTPUT_STATISTICS, LinearStats
 
 
 @dataclass
@@ -43,9 +43,13 @@ class PruneReport:
     timings_s: dict[str, float] = field(default_factory=dict)
     memory_mb: dict = field(default_factory=dict)  # peak RSS of the pruning phase (and CUDA peak)
     warnings: list[str] = field(default_factory=list)
+    # Structured methods: parameters before/after, per-block shapes, removed blocks.
+    structure: dict | None = None
 
     @property
     def sparsity_achieved(self) -> float:
+        if self.structure is not None:  # fraction of the decoder blocks' parameters removed
+            return 1.0 - self.structure["params_after"] / self.structure["params_before"]
         zeros = sum(layer["zeros"] for layer in self.layers)
         total = sum(layer["params"] for layer in self.layers)
         return zeros / total if total else 0.0
@@ -91,7 +95,7 @@ def targeted_linears(adapter: Adapter, block: nn.Module, index: int, ignore: tup
     }
 
 
-class _SharedInputStats:
+class SharedInputStats:
     """Hooks that feed each linear's `LinearStats`, computing each statistic once per input.
 
     q/k/v (and gate/up) receive the very same input tensor; their statistics are identical,
@@ -105,19 +109,21 @@ class _SharedInputStats:
         self._seen: list[tuple[torch.Tensor, str]] = []
         self._needs = needs
         self._handles = [
-            view.module.register_forward_hook(lambda _m, inputs, _out, name=name: self._hook(name, inputs[0]))
+            view.module.register_forward_hook(lambda _m, inputs, out, name=name: self._hook(name, inputs[0], out))
             for name, view in views.items()
         ]
 
-    def _hook(self, name: str, x: torch.Tensor) -> None:
+    def _hook(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
         if name not in self.owner:  # first window: find who, if anyone, saw this tensor already
-            shared = next((owner for seen, owner in self._seen if seen is x), None)
+            # Output statistics differ per layer even for a shared input: never share those.
+            shared = None if self._needs & OUTPUT_STATISTICS else next(
+                (owner for seen, owner in self._seen if seen is x), None)
             self.owner[name] = shared or name
             if shared is None:
                 self.stats[name] = LinearStats(x.shape[-1], self._needs)
         self._seen.append((x, name))
         if self.owner[name] == name:
-            self.stats[name].update(x)
+            self.stats[name].update(x, y)
 
     def end_window(self) -> None:
         self._seen.clear()
@@ -142,7 +148,7 @@ def _gather_stats(
 
     With `replace_with_outputs`, each window's input is replaced by the block's output as we go
     (the pass then doubles as the forward to the next block; memory stays at one copy)."""
-    gatherer = _SharedInputStats(views, needs)
+    gatherer = SharedInputStats(views, needs)
     try:
         for index, x in enumerate(hidden):
             out = run_block(block, x.to(device), call)

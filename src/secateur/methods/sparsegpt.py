@@ -67,7 +67,7 @@ class SparseGPT:
         dead = torch.diagonal(H) == 0
         H[dead, dead] = 1.0
         W[:, dead] = 0.0
-        U = _inverse_cholesky_upper(H, self.damp).to(torch.float32)
+        U = inverse_cholesky_upper(H, self.damp).to(torch.float32)
 
         nm = target.kind == "nm"
         blocksize = -(-self.blocksize // target.m) * target.m if nm else self.blocksize
@@ -104,8 +104,12 @@ class SparseGPT:
         return PruneResult(W)
 
 
-def _inverse_cholesky_upper(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹, λ = damp · mean(diag H), raising λ tenfold on failure."""
+def inverse_cholesky_upper(H: torch.Tensor, damp: float, method: str = "sparsegpt") -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹, λ = damp · mean(diag H), raising λ tenfold on failure.
+
+    Shared with the structured methods (Putri's neuron scores); `method` names the option to
+    raise in the error message.
+    """
     mean_diag = torch.diagonal(H).mean()
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     factor = damp
@@ -118,5 +122,5 @@ def _inverse_cholesky_upper(H: torch.Tensor, damp: float) -> torch.Tensor:
         factor = factor * 10 if factor > 0 else 1e-4  # damp=0 still gets a chance to recover
     raise SecateurError(
         f"a layer's Hessian is singular (not positive definite even with damping {factor / 10:g} · mean "
-        "diagonal): use more calibration data or a larger sparsegpt damp"
+        f"diagonal): use more calibration data or a larger {method} damp"
     )

@@ -10,6 +10,13 @@ family's modeling code in transformers 5.x:
 - opt: `enable_bias` → all six linears (on by default).
 - gpt2: every Conv1D always has a bias.
 - gpt_neox: `attention_bias` → query_key_value/dense; the MLP always has a bias.
+
+Structured slicing (physically removing FFN neurons, KV groups, blocks) was checked
+against the same attention forwards: the Llama-like families, GPT-NeoX and (for
+heads) nothing else reshape with `-1` heads, so only the weights change; OPT reads
+`self_attn.num_heads` and GPT-2 reads `attn.num_heads`/`attn.split_size`, which are
+updated with the weights. Every block's `layer_idx` is renumbered after block removal
+(the KV cache is indexed by it) and so is every per-layer config list (`layer_types`).
 """
 
 from __future__ import annotations
@@ -19,7 +26,16 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from secateur.models.base import Adapter, Geometry, LinearView, register
+from secateur.errors import SecateurError
+from secateur.models.base import (
+    Adapter,
+    BlockShape,
+    FfnUnits,
+    Geometry,
+    HeadUnits,
+    LinearView,
+    register,
+)
 
 
 def _resolve(root: nn.Module, dotted: str) -> nn.Module:
@@ -74,6 +90,157 @@ class _LayoutAdapter(Adapter):
         return True
 
 
+    # --- structured slicing -------------------------------------------------------
+    ffn_producer_names: ClassVar[tuple[str, ...]]
+    ffn_consumer_name: ClassVar[str]
+    attention_name: ClassVar[str]  # the attention module, relative to the block
+    head_consumer_name: ClassVar[str]
+    ffn_width_attrs: ClassVar[dict[str, str]] = {}  # module (relative to block) -> attribute holding the FFN width
+    per_layer_config_lists: ClassVar[tuple[str, ...]] = ("layer_types",)
+
+    def _view(self, block: nn.Module, name: str) -> LinearView:
+        return LinearView(_resolve(block, name), self.transposed)
+
+    def _block_index(self, block: nn.Module) -> int:
+        for i, candidate in enumerate(self.blocks()):
+            if candidate is block:
+                return i
+        raise SecateurError("the block given is not one of this model's decoder blocks")
+
+    def ffn_units(self, block: nn.Module) -> FfnUnits:
+        consumer = self._view(block, self.ffn_consumer_name)
+        return FfnUnits(
+            producers={name: self._view(block, name) for name in self.ffn_producer_names},
+            consumer_name=self.ffn_consumer_name,
+            consumer=consumer,
+            width=consumer.in_features,
+        )
+
+    def keep_ffn(self, block: nn.Module, keep: torch.Tensor) -> None:
+        units = self.ffn_units(block)
+        keep = _checked_indices(keep, units.width, f"FFN neurons of block {self._block_index(block)}")
+        for view in units.producers.values():
+            view.keep_rows(keep)
+        units.consumer.keep_columns(keep)
+        for module_name, attr in self.ffn_width_attrs.items():
+            module = _resolve(block, module_name)
+            if hasattr(module, attr):
+                setattr(module, attr, len(keep))
+
+    # Heads: subclasses give the head size, the query heads per KV group, and the rows of
+    # group g in each producer (relative to the block).
+    def _head_dim(self, attention: nn.Module) -> int:
+        return attention.head_dim
+
+    def _queries_per_group(self, attention: nn.Module) -> int:
+        return 1
+
+    def _group_rows(self, block: nn.Module, num_groups: int) -> dict[str, list[torch.Tensor]]:
+        raise NotImplementedError
+
+    def _num_groups(self, block: nn.Module) -> int:
+        attention = _resolve(block, self.attention_name)
+        consumer = self._view(block, self.head_consumer_name)
+        return consumer.in_features // (self._head_dim(attention) * self._queries_per_group(attention))
+
+    def _set_head_attrs(self, attention: nn.Module, num_groups: int) -> None:
+        """Update the attention module's head-count attributes after slicing."""
+
+    def head_units(self, block: nn.Module) -> HeadUnits:
+        attention = _resolve(block, self.attention_name)
+        head_dim = self._head_dim(attention)
+        per_group = self._queries_per_group(attention) * head_dim
+        num_groups = self._num_groups(block)
+        producer_rows = self._group_rows(block, num_groups)
+        producers = {name: self._view(block, name) for name in producer_rows}
+        consumer = self._view(block, self.head_consumer_name)
+        columns = [torch.arange(g * per_group, (g + 1) * per_group) for g in range(num_groups)]
+        params = per_group * consumer.out_features
+        for name, rows in producer_rows.items():
+            view = producers[name]
+            params += len(rows[0]) * (view.in_features + (view.get_bias() is not None))
+        return HeadUnits(
+            num_groups=num_groups,
+            producer_rows=producer_rows,
+            producers=producers,
+            consumer_name=self.head_consumer_name,
+            consumer=consumer,
+            consumer_columns=columns,
+            params_per_group=params,
+        )
+
+    def keep_head_groups(self, block: nn.Module, keep: list[int]) -> None:
+        index = self._block_index(block)
+        if len(keep) == 0:
+            raise SecateurError(f"cannot remove every KV group of block {index}")
+        units = self.head_units(block)
+        keep = _checked_indices(keep, units.num_groups, f"KV groups of block {index}").tolist()
+        for name, rows in units.producer_rows.items():
+            units.producers[name].keep_rows(torch.cat([rows[g] for g in keep]))
+        units.consumer.keep_columns(torch.cat([units.consumer_columns[g] for g in keep]))
+        self._set_head_attrs(_resolve(block, self.attention_name), len(keep))
+
+    def _check_block_removal(self, keep: list[int]) -> None:
+        """Refuse a removal the family cannot express (hook for subclasses)."""
+
+    def remove_blocks(self, indices: list[int]) -> None:
+        blocks = self.blocks()
+        total = len(blocks)
+        drop = {int(i) for i in indices}
+        if any(i < 0 or i >= total for i in drop):
+            raise SecateurError(f"block indices must be in 0..{total - 1}; got {sorted(indices)}")
+        if len(drop) == total:
+            raise SecateurError(f"cannot remove all {total} decoder blocks")
+        keep = [i for i in range(total) if i not in drop]
+        self._check_block_removal(keep)
+        kept = nn.ModuleList([blocks[i] for i in keep])
+        for new_index, block in enumerate(kept):
+            for module in block.modules():
+                if isinstance(getattr(module, "layer_idx", None), int):
+                    module.layer_idx = new_index
+        self.set_blocks(kept)
+        for name in self.per_layer_config_lists:
+            value = getattr(self.config, name, None)
+            if isinstance(value, (list, tuple)) and len(value) == total:
+                setattr(self.config, name, [value[i] for i in keep])
+        self.config.num_hidden_layers = len(keep)
+
+    def block_shapes(self) -> list[BlockShape]:
+        shapes = []
+        for block in self.blocks():
+            attention = _resolve(block, self.attention_name)
+            groups = self._num_groups(block)
+            shapes.append(
+                BlockShape(
+                    ffn_width=self._view(block, self.ffn_consumer_name).in_features,
+                    num_heads=groups * self._queries_per_group(attention),
+                    num_kv_heads=groups,
+                )
+            )
+        return shapes
+
+    def shape_attributes(self, block: nn.Module) -> dict[str, dict[str, object]]:
+        found: dict[str, dict[str, object]] = {}
+        for module_name, attr in self.ffn_width_attrs.items():
+            module = _resolve(block, module_name)
+            if hasattr(module, attr):
+                found.setdefault(module_name, {})[attr] = getattr(module, attr)
+        return found
+
+
+def _checked_indices(keep, size: int, what: str) -> torch.Tensor:
+    keep = torch.as_tensor(keep, dtype=torch.long).flatten().cpu()
+    if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= size):
+        raise SecateurError(f"indices to keep must be in 0..{size - 1} ({what})")
+    if keep.unique().numel() != keep.numel():
+        raise SecateurError(f"indices to keep must not repeat ({what})")
+    return keep
+
+
+def _ranges(starts: list[int], length: int) -> torch.Tensor:
+    return torch.cat([torch.arange(s, s + length) for s in starts])
+
+
 def _add_zero_bias(module: nn.Module, transposed: bool) -> None:
     if getattr(module, "bias", None) is not None:
         return
@@ -94,6 +261,34 @@ class LlamaLikeAdapter(_LayoutAdapter):
         **dict.fromkeys(_attention, "attention_bias"),
         **dict.fromkeys(_mlp, "mlp_bias"),
     }
+
+    ffn_producer_names = ("mlp.gate_proj", "mlp.up_proj")
+    ffn_consumer_name = "mlp.down_proj"
+    attention_name = "self_attn"
+    head_consumer_name = "self_attn.o_proj"
+    ffn_width_attrs: ClassVar[dict[str, str]] = {"mlp": "intermediate_size"}
+
+    # GQA: group g is KV head g and query heads g*rep .. (g+1)*rep-1. The forward reshapes
+    # with -1 heads and repeats KV by `num_key_value_groups`, which keeping whole groups
+    # leaves unchanged, so only the weights change (q_norm/k_norm act per head_dim).
+    def _queries_per_group(self, attention: nn.Module) -> int:
+        return attention.num_key_value_groups
+
+    def _group_rows(self, block: nn.Module, num_groups: int) -> dict[str, list[torch.Tensor]]:
+        attention = _resolve(block, self.attention_name)
+        d, rep = attention.head_dim, attention.num_key_value_groups
+        q = [torch.arange(g * rep * d, (g + 1) * rep * d) for g in range(num_groups)]
+        kv = [torch.arange(g * d, (g + 1) * d) for g in range(num_groups)]
+        return {"self_attn.q_proj": q, "self_attn.k_proj": kv, "self_attn.v_proj": kv}
+
+    def uniform_config(self, shape: BlockShape) -> dict[str, object] | None:
+        head_dim = self.blocks()[0].self_attn.head_dim
+        return {
+            "intermediate_size": shape.ffn_width,
+            "num_attention_heads": shape.num_heads,
+            "num_key_value_heads": shape.num_kv_heads,
+            "head_dim": head_dim,  # explicit, or the stock model would derive hidden/heads
+        }
 
     def geometry(self) -> Geometry:
         c = self.config
@@ -147,6 +342,27 @@ class OPTAdapter(_LayoutAdapter):
         "fc2",
     )
     bias_flags: ClassVar[dict[str, str]] = dict.fromkeys(linear_names, "enable_bias")
+    ffn_producer_names = ("fc1",)
+    ffn_consumer_name = "fc2"
+    attention_name = "self_attn"
+    head_consumer_name = "self_attn.out_proj"
+
+    # Multi-head: one group is one head. The forward views with `self.num_heads`.
+    def _group_rows(self, block: nn.Module, num_groups: int) -> dict[str, list[torch.Tensor]]:
+        d = block.self_attn.head_dim
+        rows = [torch.arange(g * d, (g + 1) * d) for g in range(num_groups)]
+        return {f"self_attn.{p}_proj": rows for p in "qkv"}
+
+    def _set_head_attrs(self, attention: nn.Module, num_groups: int) -> None:
+        attention.num_heads = num_groups
+
+    def shape_attributes(self, block: nn.Module) -> dict[str, dict[str, object]]:
+        return {"self_attn": {"num_heads": block.self_attn.num_heads}}
+
+    def uniform_config(self, shape: BlockShape) -> dict[str, object] | None:
+        if shape.num_heads != self.config.num_attention_heads:
+            return None  # head_dim is derived as hidden/heads
+        return {"ffn_dim": shape.ffn_width}
 
     def geometry(self) -> Geometry:
         c = self.config
@@ -167,6 +383,35 @@ class GPT2Adapter(_LayoutAdapter):
     blocks_attr = "h"
     linear_names = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # c_attn is fused q|k|v
     transposed = True
+    ffn_producer_names = ("mlp.c_fc",)
+    ffn_consumer_name = "mlp.c_proj"
+    attention_name = "attn"
+    head_consumer_name = "attn.c_proj"
+
+    # c_attn = [q | k | v], each `split_size` wide; the forward splits by `split_size`
+    # and views with -1 heads, so both attributes follow the weights.
+    def _group_rows(self, block: nn.Module, num_groups: int) -> dict[str, list[torch.Tensor]]:
+        d, split = block.attn.head_dim, block.attn.split_size
+        return {"attn.c_attn": [_ranges([g * d, split + g * d, 2 * split + g * d], d) for g in range(num_groups)]}
+
+    def _set_head_attrs(self, attention: nn.Module, num_groups: int) -> None:
+        attention.num_heads = num_groups
+        attention.split_size = num_groups * attention.head_dim
+
+    def shape_attributes(self, block: nn.Module) -> dict[str, dict[str, object]]:
+        return {"attn": {"num_heads": block.attn.num_heads, "split_size": block.attn.split_size}}
+
+    def _check_block_removal(self, keep: list[int]) -> None:
+        if getattr(self.config, "scale_attn_by_inverse_layer_idx", False) and keep != list(range(len(keep))):
+            raise SecateurError(
+                "cannot remove gpt2 blocks before others when scale_attn_by_inverse_layer_idx is set: "
+                "the attention scale depends on the block's position"
+            )
+
+    def uniform_config(self, shape: BlockShape) -> dict[str, object] | None:
+        if shape.num_heads != self.config.n_head:
+            return None  # head_dim is derived as n_embd/n_head
+        return {"n_inner": shape.ffn_width}
 
     def geometry(self) -> Geometry:
         c = self.config
@@ -188,6 +433,24 @@ class GPTNeoXAdapter(_LayoutAdapter):
     # query_key_value is fused and interleaved per head: (heads, 3, head_dim) rows.
     linear_names = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
     bias_flags: ClassVar[dict[str, str]] = dict.fromkeys(linear_names[:2], "attention_bias")
+    ffn_producer_names = ("mlp.dense_h_to_4h",)
+    ffn_consumer_name = "mlp.dense_4h_to_h"
+    attention_name = "attention"
+    head_consumer_name = "attention.dense"
+
+    # The forward views query_key_value with -1 heads of 3*head_size: head h owns rows
+    # h*3*d .. (h+1)*3*d ([q_h, k_h, v_h]); no attribute stores the head count.
+    def _head_dim(self, attention: nn.Module) -> int:
+        return attention.head_size
+
+    def _group_rows(self, block: nn.Module, num_groups: int) -> dict[str, list[torch.Tensor]]:
+        d = block.attention.head_size
+        return {"attention.query_key_value": [torch.arange(g * 3 * d, (g + 1) * 3 * d) for g in range(num_groups)]}
+
+    def uniform_config(self, shape: BlockShape) -> dict[str, object] | None:
+        if shape.num_heads != self.config.num_attention_heads:
+            return None  # head_size is derived as hidden/heads
+        return {"intermediate_size": shape.ffn_width}
 
     def geometry(self) -> Geometry:
         c = self.config

@@ -66,6 +66,72 @@ class LinearView:
         with torch.no_grad():
             self.module.bias.copy_(bias.to(dtype=self.module.bias.dtype, device=self.module.bias.device))
 
+    # --- structured slicing ---------------------------------------------------------
+    def keep_rows(self, idx: torch.Tensor) -> None:
+        """Keep only output features `idx` (in that order): W rows and bias entries.
+
+        The module stays the same object (hooks and references survive); its weight and
+        bias become new, smaller Parameters and its size attributes follow.
+        """
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.module.weight.device)
+        module = self.module
+        with torch.no_grad():
+            weight = module.weight.detach()
+            kept = weight[:, idx] if self.transposed else weight[idx]
+            module.weight = nn.Parameter(kept.clone(), requires_grad=module.weight.requires_grad)
+            if getattr(module, "bias", None) is not None:
+                module.bias = nn.Parameter(module.bias.detach()[idx].clone(), requires_grad=module.bias.requires_grad)
+        self._sync_sizes()
+
+    def keep_columns(self, idx: torch.Tensor) -> None:
+        """Keep only input features `idx` (in that order): W columns; the bias is untouched."""
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.module.weight.device)
+        module = self.module
+        with torch.no_grad():
+            weight = module.weight.detach()
+            kept = weight[idx] if self.transposed else weight[:, idx]
+            module.weight = nn.Parameter(kept.clone(), requires_grad=module.weight.requires_grad)
+        self._sync_sizes()
+
+    def _sync_sizes(self) -> None:
+        module = self.module
+        if isinstance(module, nn.Linear):
+            module.out_features, module.in_features = self.out_features, self.in_features
+        if hasattr(module, "nf"):  # transformers' Conv1D
+            module.nf = self.out_features
+        if hasattr(module, "nx"):
+            module.nx = self.in_features
+
+
+@dataclass
+class FfnUnits:
+    """The FFN neurons of one block: neuron j is row j of every producer and column j of the consumer."""
+
+    producers: dict[str, LinearView]  # gate_proj + up_proj | fc1 | c_fc | dense_h_to_4h
+    consumer_name: str
+    consumer: LinearView  # down_proj | fc2 | c_proj | dense_4h_to_h
+    width: int
+
+
+@dataclass
+class HeadUnits:
+    """The attention of one block in KV groups: one KV head and the query heads that read it."""
+
+    num_groups: int
+    producer_rows: dict[str, list[torch.Tensor]]  # layer name -> per group, LongTensor of its output rows
+    producers: dict[str, LinearView]
+    consumer_name: str  # o_proj / out_proj / dense / c_proj
+    consumer: LinearView
+    consumer_columns: list[torch.Tensor]  # per group, LongTensor of the consumer's input columns
+    params_per_group: int  # weights (+ biases) removed with one group
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    ffn_width: int
+    num_heads: int
+    num_kv_heads: int
+
 
 class Adapter:
     """Base class; one subclass per decoder family, registered for its `model_type`s."""
@@ -104,6 +170,54 @@ class Adapter:
         (turning on the config flag that creates it, with zero biases for the other layers
         the flag governs). Returns False when the architecture cannot hold one there."""
         raise NotImplementedError
+
+
+    # --- structured pruning (models physically shrink) ---------------------------------
+    def _structured_unsupported(self, what: str) -> SecateurError:
+        family = getattr(self.config, "model_type", type(self).__name__)
+        return SecateurError(f"structured pruning of {family} is not supported: {what}")
+
+    def ffn_units(self, block: nn.Module) -> FfnUnits:
+        raise self._structured_unsupported("no FFN neuron layout")
+
+    def head_units(self, block: nn.Module) -> HeadUnits:
+        raise self._structured_unsupported("no attention head layout")
+
+    def keep_ffn(self, block: nn.Module, keep: torch.Tensor) -> None:
+        """Keep FFN neurons `keep` (in that order) of `block`, physically."""
+        raise self._structured_unsupported("cannot slice the FFN")
+
+    def keep_head_groups(self, block: nn.Module, keep: list[int]) -> None:
+        """Keep KV groups `keep` (in that order) of `block`, physically."""
+        raise self._structured_unsupported("cannot slice attention heads")
+
+    def remove_blocks(self, indices: list[int]) -> None:
+        """Delete decoder blocks; the rest are renumbered and the config follows."""
+        raise self._structured_unsupported("cannot remove blocks")
+
+    def block_shapes(self) -> list[BlockShape]:
+        raise self._structured_unsupported("no block shapes")
+
+    def count_block_params(self) -> int:
+        """Parameters (weights, biases, norms) of all decoder blocks."""
+        seen: set[int] = set()
+        total = 0
+        for param in self.blocks().parameters():
+            if id(param) not in seen:
+                seen.add(id(param))
+                total += param.numel()
+        return total
+
+    # --- checkpoints of structured models (used by secateur.structured) -------------
+    def uniform_config(self, shape: BlockShape) -> dict[str, object] | None:
+        """Config fields that make the stock model build every block at `shape`, or None
+        when the family's config cannot express it (then shapes are recorded per module)."""
+        return None
+
+    def shape_attributes(self, block: nn.Module) -> dict[str, dict[str, object]]:
+        """Module attributes (relative to the block) that store a width or head count and
+        that the forward reads, with their current values."""
+        return {}
 
 
 ADAPTERS: dict[str, type[Adapter]] = {}

@@ -1,0 +1,134 @@
+"""FLAP (fluctuation-based adaptive structured pruning): the tensor math.
+
+Pure functions only; the flow that gathers statistics and slices the model lives elsewhere.
+See docs/algorithms.md, "Structured pruning / FLAP".
+
+- Score of input channel j of a consumer (down_proj, o_proj): its fluctuation
+  var(x_j) · ‖W_:,j‖² (variance of the channel over calibration tokens, times the squared
+  norm of the weight column it feeds). A head group scores the mean over its channels.
+- Scores are standardized per layer (z-score) so that layers of different scale compare,
+  then one global threshold over every layer's units (a unit counts with its parameter cost)
+  picks what to remove: blocks end up with different widths.
+- Bias compensation: the removed channels' mean contribution moves into the bias,
+  b += W_:,pruned · μ_pruned, so the output's mean over the calibration data is unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from secateur.errors import SecateurError
+
+
+def fluctuation_scores(variance: torch.Tensor, consumer_weight: torch.Tensor) -> torch.Tensor:
+    """var_j · ‖W_:,j‖² per input channel j of the consumer, float64, shape (in,)."""
+    if consumer_weight.dim() != 2:
+        raise SecateurError(
+            f"flap: consumer_weight must be a 2-D (out, in) matrix, got shape {tuple(consumer_weight.shape)}"
+        )
+    cols = consumer_weight.shape[1]
+    if variance.shape != (cols,):
+        raise SecateurError(f"flap: variance must be ({cols},), one per consumer input, got {tuple(variance.shape)}")
+    column_sq = consumer_weight.detach().to(torch.float64).square().sum(0)
+    return variance.detach().to(torch.float64) * column_sq
+
+
+def group_scores(channel_scores: torch.Tensor, columns: list[torch.Tensor]) -> torch.Tensor:
+    """Mean channel score of each group (e.g. the o_proj columns of a KV group's query heads)."""
+    if channel_scores.dim() != 1:
+        raise SecateurError(f"flap: channel_scores must be 1-D, got shape {tuple(channel_scores.shape)}")
+    scores = channel_scores.detach().to(torch.float64)
+    out = torch.empty(len(columns), dtype=torch.float64)
+    for g, cols in enumerate(columns):
+        cols = torch.as_tensor(cols, dtype=torch.long)
+        if cols.numel() == 0:
+            raise SecateurError(f"flap: group {g} has no channels")
+        if cols.min() < 0 or cols.max() >= scores.numel():
+            raise SecateurError(f"flap: group {g} channel indices must be in [0, {scores.numel()})")
+        out[g] = scores[cols].mean()
+    return out
+
+
+def standardize(scores: torch.Tensor) -> torch.Tensor:
+    """(scores − mean) / std within one layer, float64; all zeros when std is 0 or undefined.
+
+    The std is the unbiased (n − 1) one, as in the reference FLAP code; a layer of one unit
+    (std undefined) or of equal scores standardizes to zeros.
+    """
+    x = scores.detach().to(torch.float64).reshape(-1)
+    if x.numel() < 2:
+        return torch.zeros_like(x).reshape(scores.shape)
+    std = x.std()
+    if not torch.isfinite(std) or std == 0:
+        return torch.zeros_like(x).reshape(scores.shape)
+    return ((x - x.mean()) / std).reshape(scores.shape)
+
+
+def global_selection(
+    units: list[tuple[torch.Tensor, int]], params_to_remove: int, min_keep: list[int]
+) -> list[torch.Tensor]:
+    """Keep masks (True = keep) per layer after removing the globally lowest-scored units.
+
+    `units[i]` = (standardized scores of layer i's units, parameter cost of one unit there).
+    Units are removed in ascending score order over all layers (one threshold), each adding its
+    cost, until at least `params_to_remove` parameters are removed; a layer whose removable
+    units (count − min_keep[i]) are used up is skipped, so the threshold rises past it. Ties go
+    to the earlier layer, then the lower index (stable sort): the same input gives the same
+    masks. Raises SecateurError when min_keep leaves fewer removable parameters than asked.
+    """
+    if len(min_keep) != len(units):
+        raise SecateurError(f"flap: min_keep has {len(min_keep)} entries for {len(units)} layers")
+    sizes, costs, all_scores = [], [], []
+    for i, (scores, cost) in enumerate(units):
+        if scores.dim() != 1:
+            raise SecateurError(f"flap: layer {i} scores must be 1-D, got shape {tuple(scores.shape)}")
+        if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
+            raise SecateurError(f"flap: layer {i} unit cost must be a positive integer, got {cost!r}")
+        if not 0 <= min_keep[i] <= scores.numel():
+            raise SecateurError(f"flap: min_keep[{i}] must be in [0, {scores.numel()}], got {min_keep[i]}")
+        if torch.isnan(scores).any():
+            raise SecateurError(f"flap: layer {i} scores contain NaN; check the calibration statistics")
+        sizes.append(scores.numel())
+        costs.append(cost)
+        all_scores.append(scores.detach().to(torch.float64))
+    keep = [torch.ones(n, dtype=torch.bool) for n in sizes]
+    if params_to_remove <= 0 or not units:
+        return keep
+    removable = sum((n - k) * c for n, k, c in zip(sizes, min_keep, costs, strict=True))
+    if removable < params_to_remove:
+        raise SecateurError(
+            f"flap: asked to remove {params_to_remove} parameters but at most {removable} can go while "
+            "keeping the required units in every layer; use a lower sparsity"
+        )
+    flat = torch.cat(all_scores)
+    layer_of = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(sizes)])
+    offsets = torch.tensor([0, *sizes[:-1]], dtype=torch.long).cumsum(0)
+    order = torch.argsort(flat, stable=True)
+    budget_left = [n - k for n, k in zip(sizes, min_keep, strict=True)]
+    removed = 0
+    for pos in order.tolist():
+        layer = int(layer_of[pos])
+        if budget_left[layer] == 0:
+            continue
+        keep[layer][pos - int(offsets[layer])] = False
+        budget_left[layer] -= 1
+        removed += costs[layer]
+        if removed >= params_to_remove:
+            break
+    return keep
+
+
+def bias_compensation(consumer_weight: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """Bias to add to the consumer, W[:, removed] @ mean[removed], float64, shape (out,)."""
+    if consumer_weight.dim() != 2:
+        raise SecateurError(
+            f"flap: consumer_weight must be a 2-D (out, in) matrix, got shape {tuple(consumer_weight.shape)}"
+        )
+    cols = consumer_weight.shape[1]
+    if mean.shape != (cols,) or removed.shape != (cols,) or removed.dtype != torch.bool:
+        raise SecateurError(
+            f"flap: mean and removed must be ({cols},) (removed boolean), got {tuple(mean.shape)} and "
+            f"{removed.dtype} {tuple(removed.shape)}"
+        )
+    W = consumer_weight.detach().to(torch.float64)
+    return W[:, removed] @ mean.detach().to(torch.float64)[removed]
