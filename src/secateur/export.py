@@ -31,7 +31,13 @@ def save_checkpoint(model, tokenizer, out: str | Path, *, recipe_yaml: str, resu
     out = check_destination(out, overwrite)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
+        from secateur.structured import prepare_checkpoint, write_extra_files
+
+        # Structurally pruned blocks: a standard config when every block has the same shape,
+        # otherwise recorded shapes plus a small modeling file (trust_remote_code=True).
+        prepare_checkpoint(model)
         model.save_pretrained(staging, safe_serialization=True)
+        write_extra_files(model, staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         (staging / "recipe.yaml").write_text(recipe_yaml)

@@ -130,23 +130,6 @@ class StructuredSession:
         return value
 
 
-@contextmanager
-def zeroed_columns(view: LinearView, columns: torch.Tensor):
-    """Temporarily zero some input columns of a layer (removes those units' contribution
-    exactly, without slicing): used to try a removal before committing to it."""
-    weight = view.get_weight()
-    saved = weight[:, columns].clone()
-    patched = weight.clone()
-    patched[:, columns] = 0
-    view.set_weight(patched)
-    try:
-        yield
-    finally:
-        restored = view.get_weight().clone()
-        restored[:, columns] = saved
-        view.set_weight(restored)
-
-
 def prune_structured(model, adapter: Adapter, method, recipe, input_ids, *, device="cpu", progress=True) -> PruneReport:
     """Run a structured method and describe the model it leaves: parameters before and after
     (decoder blocks only, as `--sparsity` counts them) and every block's kept shape."""

@@ -15,9 +15,15 @@ See docs/algorithms.md, "Structured pruning / FLAP".
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
+from tqdm.auto import tqdm
 
 from secateur.errors import SecateurError
+from secateur.methods.base import register
+from secateur.methods.putri import unit_params
 
 
 def fluctuation_scores(variance: torch.Tensor, consumer_weight: torch.Tensor) -> torch.Tensor:
@@ -28,7 +34,9 @@ def fluctuation_scores(variance: torch.Tensor, consumer_weight: torch.Tensor) ->
         )
     cols = consumer_weight.shape[1]
     if variance.shape != (cols,):
-        raise SecateurError(f"flap: variance must be ({cols},), one per consumer input, got {tuple(variance.shape)}")
+        raise SecateurError(
+            f"flap: variance must be ({cols},), one per consumer input, got {tuple(variance.shape)}"
+        )
     column_sq = consumer_weight.detach().to(torch.float64).square().sum(0)
     return variance.detach().to(torch.float64) * column_sq
 
@@ -71,7 +79,9 @@ def global_selection(
 
     `units[i]` = (standardized scores of layer i's units, parameter cost of one unit there).
     Units are removed in ascending score order over all layers (one threshold), each adding its
-    cost, until at least `params_to_remove` parameters are removed; a layer whose removable
+    cost, until the removed count is within half the cheapest unit's cost of `params_to_remove`:
+    a unit that would overshoot further is passed over (a KV group can be 60× a FFN channel)
+    and cheaper ones above the threshold are taken instead. A layer whose removable
     units (count − min_keep[i]) are used up is skipped, so the threshold rises past it. Ties go
     to the earlier layer, then the lower index (stable sort): the same input gives the same
     masks. Raises SecateurError when min_keep leaves fewer removable parameters than asked.
@@ -106,19 +116,28 @@ def global_selection(
     order = torch.argsort(flat, stable=True)
     budget_left = [n - k for n, k in zip(sizes, min_keep, strict=True)]
     removed = 0
-    for pos in order.tolist():
-        layer = int(layer_of[pos])
-        if budget_left[layer] == 0:
-            continue
-        keep[layer][pos - int(offsets[layer])] = False
-        budget_left[layer] -= 1
-        removed += costs[layer]
-        if removed >= params_to_remove:
-            break
+    slack = min(costs) / 2
+    # First pass: never overshoot by more than half the cheapest unit. Second pass (only when
+    # the cheap units ran out): take the next units in score order until the target is met.
+    for strict in (True, False):
+        for pos in order.tolist():
+            if removed >= params_to_remove - slack:
+                return keep
+            layer = int(layer_of[pos])
+            index = pos - int(offsets[layer])
+            if budget_left[layer] == 0 or not keep[layer][index]:
+                continue
+            if strict and removed + costs[layer] > params_to_remove + slack:
+                continue
+            keep[layer][index] = False
+            budget_left[layer] -= 1
+            removed += costs[layer]
     return keep
 
 
-def bias_compensation(consumer_weight: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+def bias_compensation(
+    consumer_weight: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor
+) -> torch.Tensor:
     """Bias to add to the consumer, W[:, removed] @ mean[removed], float64, shape (out,)."""
     if consumer_weight.dim() != 2:
         raise SecateurError(
@@ -132,3 +151,73 @@ def bias_compensation(consumer_weight: torch.Tensor, mean: torch.Tensor, removed
         )
     W = consumer_weight.detach().to(torch.float64)
     return W[:, removed] @ mean.detach().to(torch.float64)[removed]
+
+
+# --- the method: plumbing around the math above ---------------------------------------
+
+
+@register
+@dataclass
+class Flap:
+    """FLAP: fluctuation scores of FFN channels and KV groups, standardised per layer, one global
+    threshold (blocks end with different widths), bias compensation with the removed channels'
+    mean contribution. Statistics come from the dense model in one pass, as in the paper."""
+
+    name: ClassVar[str] = "flap"
+    needs: ClassVar[frozenset[str]] = frozenset()
+    structured: ClassVar[bool] = True
+    heads: bool = True  # also remove KV groups (False: FFN channels only)
+
+    def prune(self, weight, bias, stats, target):
+        raise SecateurError("flap is a structured method: it prunes whole models (secateur.prune), not one layer")
+
+    def prune_model(self, session, sparsity: float) -> dict:
+        adapter = session.adapter
+        blocks = adapter.blocks()
+        to_remove = round(sparsity * adapter.count_block_params())
+        session.start_pass()
+        units, min_keep, layout = [], [], []
+        for index, block in enumerate(tqdm(blocks, desc="flap stats", unit="block", disable=not session.progress)):
+            ffn = adapter.ffn_units(block)
+            views = {ffn.consumer_name: ffn.consumer}
+            heads = adapter.head_units(block) if self.heads else None
+            if heads is not None:
+                views[heads.consumer_name] = heads.consumer
+            stats = session.gather(index, views, frozenset({"sum", "sumsq"}), advance=index + 1 < len(blocks))
+            down = stats[ffn.consumer_name]
+            scores = fluctuation_scores(down.variance(), ffn.consumer.get_weight().double())
+            units.append((standardize(scores), unit_params(ffn) // ffn.width))
+            min_keep.append(1)
+            layout.append((index, "ffn", ffn.consumer_name, down.mean(), None))
+            if heads is not None:
+                o_stats = stats[heads.consumer_name]
+                channel = fluctuation_scores(o_stats.variance(), heads.consumer.get_weight().double())
+                units.append((standardize(group_scores(channel, heads.consumer_columns)), heads.params_per_group))
+                min_keep.append(1)
+                layout.append((index, "heads", heads.consumer_name, o_stats.mean(), heads.consumer_columns))
+        if to_remove > sum(cost * (len(s) - keep) for (s, cost), keep in zip(units, min_keep)):
+            raise SecateurError(f"flap cannot remove {sparsity:.0%} of the block parameters: at most one KV group "
+                                "and one FFN channel must stay per block; lower --sparsity")
+        masks = global_selection(units, to_remove, min_keep)
+        for (index, kind, consumer_name, mean, columns), keep_mask in zip(layout, masks):
+            block = blocks[index]
+            if bool(keep_mask.all()):
+                continue
+            view = adapter.linears(block)[consumer_name]
+            removed_columns = (~keep_mask).nonzero().flatten() if columns is None else torch.cat(
+                [columns[g] for g in (~keep_mask).nonzero().flatten().tolist()])
+            removed = torch.zeros(view.in_features, dtype=torch.bool)
+            removed[removed_columns] = True
+            shift = bias_compensation(view.get_weight().double(), mean, removed)
+            if adapter.ensure_bias(block, consumer_name):
+                view = adapter.linears(block)[consumer_name]
+                old = view.get_bias()
+                view.set_bias(old.double() + shift)
+            else:
+                session.warnings.append(f"block {index} {consumer_name}: the architecture cannot hold a bias here; "
+                                        "FLAP's bias compensation skipped")
+            if kind == "ffn":
+                adapter.keep_ffn(block, keep_mask.nonzero().flatten())
+            else:
+                adapter.keep_head_groups(block, keep_mask.nonzero().flatten().tolist())
+        return {}

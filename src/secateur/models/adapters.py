@@ -118,7 +118,10 @@ class _LayoutAdapter(Adapter):
 
     def keep_ffn(self, block: nn.Module, keep: torch.Tensor) -> None:
         units = self.ffn_units(block)
-        keep = _checked_indices(keep, units.width, f"FFN neurons of block {self._block_index(block)}")
+        index = self._block_index(block)
+        keep = _checked_indices(keep, units.width, f"FFN neurons of block {index}")
+        if keep.numel() == 0:  # a zero-width layer breaks some forwards (GPT-2's Conv1D) and configs
+            raise SecateurError(f"cannot remove every FFN neuron of block {index}")
         for view in units.producers.values():
             view.keep_rows(keep)
         units.consumer.keep_columns(keep)
@@ -145,6 +148,10 @@ class _LayoutAdapter(Adapter):
 
     def _set_head_attrs(self, attention: nn.Module, num_groups: int) -> None:
         """Update the attention module's head-count attributes after slicing."""
+
+    def _kept_rows(self, group_rows: list[torch.Tensor]) -> torch.Tensor:
+        """The rows a producer keeps, in the order its forward expects, from the kept groups' rows."""
+        return torch.cat(group_rows)
 
     def head_units(self, block: nn.Module) -> HeadUnits:
         attention = _resolve(block, self.attention_name)
@@ -176,7 +183,7 @@ class _LayoutAdapter(Adapter):
         units = self.head_units(block)
         keep = _checked_indices(keep, units.num_groups, f"KV groups of block {index}").tolist()
         for name, rows in units.producer_rows.items():
-            units.producers[name].keep_rows(torch.cat([rows[g] for g in keep]))
+            units.producers[name].keep_rows(self._kept_rows([rows[g] for g in keep]))
         units.consumer.keep_columns(torch.cat([units.consumer_columns[g] for g in keep]))
         self._set_head_attrs(_resolve(block, self.attention_name), len(keep))
 
@@ -393,6 +400,10 @@ class GPT2Adapter(_LayoutAdapter):
     def _group_rows(self, block: nn.Module, num_groups: int) -> dict[str, list[torch.Tensor]]:
         d, split = block.attn.head_dim, block.attn.split_size
         return {"attn.c_attn": [_ranges([g * d, split + g * d, 2 * split + g * d], d) for g in range(num_groups)]}
+
+    def _kept_rows(self, group_rows: list[torch.Tensor]) -> torch.Tensor:
+        # Each group's rows are [its q | its k | its v]; the layer must stay [all q | all k | all v].
+        return torch.cat([part for rows in zip(*(r.chunk(3) for r in group_rows)) for part in rows])
 
     def _set_head_attrs(self, attention: nn.Module, num_groups: int) -> None:
         attention.num_heads = num_groups

@@ -80,7 +80,9 @@ class LinearView:
             kept = weight[:, idx] if self.transposed else weight[idx]
             module.weight = nn.Parameter(kept.clone(), requires_grad=module.weight.requires_grad)
             if getattr(module, "bias", None) is not None:
-                module.bias = nn.Parameter(module.bias.detach()[idx].clone(), requires_grad=module.bias.requires_grad)
+                module.bias = nn.Parameter(
+                    module.bias.detach()[idx].clone(), requires_grad=module.bias.requires_grad
+                )
         self._sync_sizes()
 
     def keep_columns(self, idx: torch.Tensor) -> None:
@@ -170,7 +172,6 @@ class Adapter:
         (turning on the config flag that creates it, with zero biases for the other layers
         the flag governs). Returns False when the architecture cannot hold one there."""
         raise NotImplementedError
-
 
     # --- structured pruning (models physically shrink) ---------------------------------
     def _structured_unsupported(self, what: str) -> SecateurError:

@@ -184,7 +184,12 @@ def _load_checkpoint_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:
         raise SecateurError(f"{path} has no usable tokenizer: {_first_line(error)}") from None
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    from secateur.structured.checkpoint import is_recorded, load_structured_checkpoint
+
+    if is_recorded(config):  # structurally pruned, blocks of different shapes: no remote code needed
+        model = load_structured_checkpoint(path, config, dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return LoadedModel(model, tokenizer, str(path))
 
 
