@@ -82,9 +82,9 @@ def test_putri_ffn_update_beats_plain_removal():
 
 
 def test_flap_gives_blocks_different_widths_and_reloads(tmp_path):
-    from secateur.export import save_checkpoint
-
     from tiny_models import tiny_tokenizer
+
+    from secateur.export import save_checkpoint
 
     model = build_tiny_model("llama")
     loaded_tok = tiny_tokenizer()

@@ -257,14 +257,7 @@ class Putri:
         raise SecateurError("putri is a structured method: it prunes whole models (secateur.prune), not one layer")
 
     def prune_model(self, session, sparsity: float) -> dict:
-        adapter = session.adapter
-        blocks = adapter.blocks()
-        ffn, heads = adapter.ffn_units(blocks[0]), adapter.head_units(blocks[0])
-        mlp_params = unit_params(ffn)
-        budget = putri_budget(
-            len(blocks), sparsity, mlp_params, heads.params_per_group * heads.num_groups, heads.params_per_group,
-            heads.num_groups, ffn.width, mlp_params // ffn.width, self.alpha,
-        )
+        budget = model_budget(session.adapter, sparsity, self.alpha)
         self._prune_ffn(session, budget.ffn_keep)
         removed = self._remove_heads(session, budget.heads_groups_to_remove)
         return {"ffn_keep": budget.ffn_keep, "kv_groups_removed": removed, "head_score": self.head_score}
@@ -368,6 +361,17 @@ class Putri:
                 bar.update(1)
         bar.close()
         return [sorted(groups) for groups in removed]
+
+
+def model_budget(adapter, sparsity: float, alpha: float) -> PutriBudget:
+    """Putri's α-rule budget for a model whose blocks all have the first block's shape."""
+    first = adapter.blocks()[0]
+    ffn, heads = adapter.ffn_units(first), adapter.head_units(first)
+    mlp_params = unit_params(ffn)
+    return putri_budget(
+        len(adapter.blocks()), sparsity, mlp_params, heads.params_per_group * heads.num_groups,
+        heads.params_per_group, heads.num_groups, ffn.width, mlp_params // ffn.width, alpha,
+    )
 
 
 def unit_params(ffn) -> int:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from secateur.errors import SecateurError
 from secateur.methods.base import register
-from secateur.methods.putri import lowest_groups, putri_budget, top_k, unit_params
+from secateur.methods.putri import lowest_groups, model_budget, top_k
 
 
 def row_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
@@ -148,12 +148,7 @@ class WandaSP:
     def prune_model(self, session, sparsity: float) -> dict:
         adapter = session.adapter
         blocks = adapter.blocks()
-        ffn, heads = adapter.ffn_units(blocks[0]), adapter.head_units(blocks[0])
-        mlp_params = unit_params(ffn)
-        budget = putri_budget(
-            len(blocks), sparsity, mlp_params, heads.params_per_group * heads.num_groups, heads.params_per_group,
-            heads.num_groups, ffn.width, mlp_params // ffn.width, self.alpha,
-        )
+        budget = model_budget(adapter, sparsity, self.alpha)
         session.start_pass()
         needs = frozenset({"sumsq"})
         group_scores_per_block = []

@@ -1,0 +1,139 @@
+"""Benchmark: structured pruning of SmolLM2-135M — Putri (both head scores), FLAP, wanda-sp
+and block-drop at 20-50 % of the decoder blocks' parameters.
+
+Prints one markdown table (written with raw numbers as JSON under --out): WikiText-2 and C4
+perplexity, parameters, checkpoint size on disk, pruning time, and CPU latency of the pruned
+model against the dense one (prefill of 512 tokens; decoding 64 tokens; batch 1) as ratios
+measured in the same run, interleaved with the dense model.
+
+    .venv/bin/python benchmarks/structured.py --data-dir ../shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import secateur
+from secateur.data import calibration_windows
+from secateur.eval import perplexity
+from secateur.eval.speed import compare_latency
+from secateur.export import save_checkpoint
+from secateur.models import get_adapter
+
+VARIANTS = {
+    "putri": ("putri", {}),
+    "putri-ppl": ("putri", {"head_score": "perplexity"}),
+    "flap": ("flap", {}),
+    "wanda-sp": ("wanda-sp", {}),
+    "block-drop": ("block-drop", {}),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--calib", default="c4")
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--eval-seqlen", type=int, default=512)
+    parser.add_argument("--max-windows", type=int, default=8)
+    parser.add_argument("--datasets", default="wikitext2,c4")
+    parser.add_argument("--ratios", default="0.2,0.3,0.4,0.5")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--search-ratios", default="0.2,0.3",
+                        help="ratios at which the slow perplexity-searched putri-ppl runs")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    datasets = args.datasets.split(",")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    loaded = secateur.load(args.model)
+    dense, tokenizer = loaded.model, loaded.tokenizer
+    calib = calibration_windows(tokenizer, args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
+                                data_dir=args.data_dir)
+
+    def evaluate(model):
+        return {name: perplexity(model, tokenizer, name, seqlen=args.eval_seqlen, max_windows=args.max_windows,
+                                 data_dir=args.data_dir)["perplexity"] for name in datasets}
+
+    def disk_mb(model) -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save_checkpoint(model, None, Path(tmp) / "ckpt", recipe_yaml="", results={}, overwrite=False)
+            return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
+
+    dense_params = get_adapter(dense).count_block_params()
+    dense_row = {"perplexity": evaluate(dense), "params": dense_params, "disk_mb": disk_mb(dense)}
+    rows = []
+    grid = [(ratio, variant) for ratio in map(float, args.ratios.split(","))
+            for variant in args.variants.split(",") if variant != "putri-ppl"]
+    # The perplexity-searched Putri costs (blocks × groups) forward passes per round: it runs
+    # last, only at --search-ratios.
+    if "putri-ppl" in args.variants.split(","):
+        grid += [(float(r), "putri-ppl") for r in args.search_ratios.split(",") if r]
+    for ratio, variant in grid:
+        method, options = VARIANTS[variant]
+        model = copy.deepcopy(dense)
+        started = time.perf_counter()
+        _, report = secateur.prune(model, {"method": method, "sparsity": ratio, "method_options": options},
+                                   calib, progress=False)
+        elapsed = time.perf_counter() - started
+        latency = compare_latency({"dense": dense, "pruned": model}, vocab_size=dense.config.vocab_size,
+                                  repeats=args.repeats)
+        row = {
+            "variant": variant, "ratio": ratio, "perplexity": evaluate(model),
+            "params": report.structure["params_after"], "removed": report.sparsity_achieved,
+            "disk_mb": disk_mb(model), "prune_s": elapsed, "timings_s": report.timings_s,
+            "prefill_speedup": latency["dense"]["prefill_s"]["median"] / latency["pruned"]["prefill_s"]["median"],
+            "decode_speedup": latency["pruned"]["decode_tok_s"]["median"] / latency["dense"]["decode_tok_s"]["median"],
+            "latency": latency, "structure": report.structure,
+        }
+        rows.append(row)
+        print(f"done {variant} {ratio}: {row['perplexity']} removed {row['removed']:.3f} "
+              f"prefill x{row['prefill_speedup']:.2f} in {elapsed:.0f} s", file=sys.stderr)
+        del model
+        table = render(rows, dense_row, datasets, args)
+        (out / "structured.md").write_text(table)
+        (out / "structured.json").write_text(json.dumps({
+            "dense": dense_row, "runs": rows, "calibration": calib.protocol, "args": vars(args),
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "secateur": secateur.__version__,
+        }, indent=2))
+    print(render(rows, dense_row, datasets, args))
+
+
+def render(rows, dense_row, datasets, args) -> str:
+    head = ("| method | removed | " + " | ".join(f"{d} ppl" for d in datasets)
+            + " | block params (M) | disk MB | prune s | prefill ×dense | decode ×dense |")
+    lines = [
+        (f"Model: {args.model}, fp32, CPU ({torch.get_num_threads()} threads). Calibration: {args.nsamples} windows "
+         f"× {args.seqlen} tokens from `{args.calib}` (seed 0). Perplexity: first {args.max_windows} windows of "
+         f"{args.eval_seqlen} tokens. Latency: prefill of 512 tokens and greedy decoding of 64 tokens, batch 1, "
+         f"median of {args.repeats} runs interleaved with the dense model; ratio > 1 = faster than dense."),
+        "", head, "|---|---|" + "---:|" * (len(datasets) + 5),
+        "| dense | 0 | " + " | ".join(f"{dense_row['perplexity'][d]:.2f}" for d in datasets)
+        + f" | {dense_row['params'] / 1e6:.1f} | {dense_row['disk_mb']:.0f} | | 1.00 | 1.00 |",
+    ]
+    for row in sorted(rows, key=lambda r: (r["ratio"], r["variant"])):
+        lines.append(
+            f"| {row['variant']} | {row['removed']:.1%} | "
+            + " | ".join(f"{row['perplexity'][d]:.2f}" for d in datasets)
+            + f" | {row['params'] / 1e6:.1f} | {row['disk_mb']:.0f} | {row['prune_s']:.0f} | "
+            f"{row['prefill_speedup']:.2f} | {row['decode_speedup']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
