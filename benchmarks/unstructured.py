@@ -93,15 +93,16 @@ def main() -> None:
         })
         print(f"done {method} {kind} {sparsity} {allocation}: {ppl} in {elapsed:.1f} s", file=sys.stderr)
         del model
-
-    table = render(rows, dense_ppl, datasets, args, model_mb, activation_mb)
+        # Written after every run, so an interrupted benchmark still leaves what it measured.
+        table = render(rows, dense_ppl, datasets, args, model_mb, activation_mb)
+        (out / "unstructured.md").write_text(table)
+        (out / "unstructured.json").write_text(json.dumps({
+            "dense": dense_ppl, "runs": rows, "calibration": calib.protocol, "evaluation": eval_protocol,
+            "model_mb": model_mb, "activation_mb": activation_mb, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "secateur": secateur.__version__,
+            "args": vars(args),
+        }, indent=2))
     print(table)
-    (out / "unstructured.md").write_text(table)
-    (out / "unstructured.json").write_text(json.dumps({
-        "dense": dense_ppl, "runs": rows, "calibration": calib.protocol, "evaluation": eval_protocol,
-        "model_mb": model_mb, "activation_mb": activation_mb, "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(), "torch": torch.__version__, "secateur": secateur.__version__,
-    }, indent=2))
 
 
 def render(rows, dense_ppl, datasets, args, model_mb, activation_mb) -> str:
