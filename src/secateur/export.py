@@ -22,13 +22,14 @@ def check_destination(out: str | Path, overwrite: bool) -> Path:
         raise SecateurError(f"output directory {str(out)!r} already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise SecateurError(f"output path {str(out)!r} exists and is not a directory")
-    if not out.parent.exists():
-        raise SecateurError(f"the parent directory of {str(out)!r} does not exist")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise SecateurError(f"the parent of {str(out)!r} is not a directory")
     return out
 
 
 def save_checkpoint(model, tokenizer, out: str | Path, *, recipe_yaml: str, results: dict, overwrite: bool) -> Path:
     out = check_destination(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)  # like `mkdir -p`: runs/name works on a fresh checkout
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         from secateur.structured import prepare_checkpoint, write_extra_files
