@@ -234,21 +234,16 @@ def cmd_prune(args) -> int:
 
 
 def _summary(results: dict, out) -> None:
-    structure = results.get("structure")
+    structure, timings = results.get("structure"), results["timings_s"]
     if structure:
         print(f"{results['method']} target {results['sparsity_target']:.3f}: removed "
               f"{results['sparsity_achieved']:.4f} of the decoder blocks' parameters "
-              f"({structure['params_before']:,} -> {structure['params_after']:,}) in {results['timings_s']['total']:.1f} s")
-        _print_table(results["perplexity"])
-        for warning in results["warnings"]:
-            print(f"warning: {warning}", file=sys.stderr)
-        if out:
-            print(f"saved to {out}")
-        return
-    print(f"{results['method']} {results['sparsity_type']} target {results['sparsity_target']:.3f}: "
-          f"achieved {results['sparsity_achieved']:.4f} over {len(results['layers'])} layers "
-          f"in {results['timings_s']['total']:.1f} s (calibration forward "
-          f"{results['timings_s']['calibration_forward']:.1f} s, pruning {results['timings_s']['pruning']:.1f} s)")
+              f"({structure['params_before']:,} -> {structure['params_after']:,}) in {timings['total']:.1f} s")
+    else:
+        print(f"{results['method']} {results['sparsity_type']} target {results['sparsity_target']:.3f}: "
+              f"achieved {results['sparsity_achieved']:.4f} over {len(results['layers'])} layers "
+              f"in {timings['total']:.1f} s (calibration forward {timings['calibration_forward']:.1f} s, "
+              f"pruning {timings['pruning']:.1f} s)")
     _print_table(results["perplexity"])
     for warning in results["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)

@@ -372,15 +372,7 @@ class OPTAdapter(_LayoutAdapter):
         return {"ffn_dim": shape.ffn_width}
 
     def geometry(self) -> Geometry:
-        c = self.config
-        return Geometry(
-            hidden_size=c.hidden_size,
-            num_blocks=c.num_hidden_layers,
-            num_heads=c.num_attention_heads,
-            num_kv_heads=c.num_attention_heads,
-            head_dim=c.hidden_size // c.num_attention_heads,
-            ffn_width=c.ffn_dim,
-        )
+        return _multi_head_geometry(self.config, self.config.ffn_dim)
 
 
 @register
@@ -464,12 +456,16 @@ class GPTNeoXAdapter(_LayoutAdapter):
         return {"intermediate_size": shape.ffn_width}
 
     def geometry(self) -> Geometry:
-        c = self.config
-        return Geometry(
-            hidden_size=c.hidden_size,
-            num_blocks=c.num_hidden_layers,
-            num_heads=c.num_attention_heads,
-            num_kv_heads=c.num_attention_heads,
-            head_dim=c.hidden_size // c.num_attention_heads,
-            ffn_width=c.intermediate_size,
-        )
+        return _multi_head_geometry(self.config, self.config.intermediate_size)
+
+
+def _multi_head_geometry(c, ffn_width: int) -> Geometry:
+    """Geometry of a plain multi-head family (no GQA; head size derived as hidden / heads)."""
+    return Geometry(
+        hidden_size=c.hidden_size,
+        num_blocks=c.num_hidden_layers,
+        num_heads=c.num_attention_heads,
+        num_kv_heads=c.num_attention_heads,
+        head_dim=c.hidden_size // c.num_attention_heads,
+        ffn_width=ffn_width,
+    )
