@@ -54,6 +54,8 @@ def main() -> None:
                         help="ratios at which the slow perplexity-searched putri-ppl runs")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in OUT/structured.json (same settings) and run only the rest")
     args = parser.parse_args()
     datasets = args.datasets.split(",")
     out = Path(args.out)
@@ -76,6 +78,14 @@ def main() -> None:
     dense_params = get_adapter(dense).count_block_params()
     dense_row = {"perplexity": evaluate(dense), "params": dense_params, "disk_mb": disk_mb(dense)}
     rows = []
+    if args.resume and (out / "structured.json").exists():
+        previous = json.loads((out / "structured.json").read_text())
+        same = {k: v for k, v in previous["args"].items() if k not in ("resume", "ratios", "variants", "search_ratios")}
+        now = {k: v for k, v in vars(args).items() if k not in ("resume", "ratios", "variants", "search_ratios")}
+        if same != now:
+            sys.exit(f"--resume: {out / 'structured.json'} was made with other settings: {same}")
+        rows = previous["runs"]
+    done = {(row["variant"], row["ratio"]) for row in rows}
     grid = [(ratio, variant) for ratio in map(float, args.ratios.split(","))
             for variant in args.variants.split(",") if variant != "putri-ppl"]
     # The perplexity-searched Putri costs (blocks × groups) forward passes per round: it runs
@@ -83,6 +93,8 @@ def main() -> None:
     if "putri-ppl" in args.variants.split(","):
         grid += [(float(r), "putri-ppl") for r in args.search_ratios.split(",") if r]
     for ratio, variant in grid:
+        if (variant, ratio) in done:
+            continue
         method, options = VARIANTS[variant]
         model = copy.deepcopy(dense)
         started = time.perf_counter()

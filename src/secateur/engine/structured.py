@@ -139,6 +139,7 @@ def prune_structured(model, adapter: Adapter, method, recipe, input_ids, *, devi
     session = StructuredSession(model, adapter, input_ids, device=device, progress=progress)
     params_before = adapter.count_block_params()
     blocks_before = len(adapter.blocks())
+    ffn_width_before = max(shape.ffn_width for shape in adapter.block_shapes())  # the dense width, for kept fractions
     with PeakMemory(device) as memory:
         details = method.prune_model(session, recipe.sparsity) or {}
     report = PruneReport(warnings=session.warnings)
@@ -151,6 +152,7 @@ def prune_structured(model, adapter: Adapter, method, recipe, input_ids, *, devi
         "params_before": params_before,
         "params_after": adapter.count_block_params(),
         "blocks_before": blocks_before,
+        "ffn_width_before": ffn_width_before,
         "blocks": [
             {"ffn_width": shape.ffn_width, "num_heads": shape.num_heads, "num_kv_heads": shape.num_kv_heads}
             for shape in adapter.block_shapes()

@@ -1,0 +1,130 @@
+"""The steps `prune` and `sweep` share: evaluate a model under the chosen protocol, and
+turn a pruning run into the results record (results.json, one line of a sweep).
+
+Every record carries `"format": RESULTS_FORMAT`, which is how `secateur report` tells our
+files from anything else.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+RESULTS_FORMAT = "secateur-results/1"
+
+
+@dataclass
+class EvalOptions:
+    """What to measure on the dense and the pruned model. Empty lists measure nothing."""
+
+    datasets: list[str] = field(default_factory=list)  # perplexity
+    seqlen: int | None = None  # perplexity window; None = the recipe's calibration seqlen
+    max_windows: int | None = None
+    data_dir: str | None = None
+    tasks: list[str] = field(default_factory=list)  # zero-shot through lm-eval
+    limit: int | None = None
+    task_source: str = "local"
+    batch_size: int = 16
+    device: str = "cpu"
+    quiet: bool = False
+
+    def check(self) -> None:
+        """Refuse unknown datasets and tasks before any long work starts."""
+        from secateur.data import check_dataset_name
+
+        for name in self.datasets:
+            check_dataset_name(name, self.data_dir)
+        if self.tasks:
+            from secateur.eval.zeroshot import check_tasks
+
+            check_tasks(self.tasks, self.task_source)
+        if self.limit is not None and self.limit < 1:
+            from secateur.errors import SecateurError
+
+            raise SecateurError(f"--limit must be a positive number of documents per task, got {self.limit}")
+
+
+def evaluate_model(model, tokenizer, options: EvalOptions, *, seqlen: int, label: str) -> dict:
+    """{"perplexity": {dataset: value}, "protocols": {dataset: protocol}, "zero_shot": summary | None};
+    the model is left on the CPU."""
+    from secateur.eval import perplexity
+
+    values, protocols = {}, {}
+    for name in options.datasets:
+        result = perplexity(model, tokenizer, name, seqlen=seqlen, max_windows=options.max_windows,
+                            data_dir=options.data_dir, device=options.device, progress=not options.quiet)
+        values[name] = result["perplexity"]
+        protocols[name] = result["protocol"]
+        if not options.quiet:
+            print(f"[{label}] {name}: perplexity {result['perplexity']:.3f}", file=sys.stderr)
+    zero_shot = None
+    if options.tasks:
+        from secateur.eval.zeroshot import zero_shot as run_zero_shot
+
+        model.to(options.device)
+        zero_shot = run_zero_shot(model, tokenizer, options.tasks, limit=options.limit, source=options.task_source,
+                                  batch_size=options.batch_size, device=options.device, quiet=options.quiet)
+        if not options.quiet:
+            print(f"[{label}] zero-shot mean acc {zero_shot['mean_acc']:.4f}", file=sys.stderr)
+    model.to("cpu")
+    return {"perplexity": values, "protocols": protocols, "zero_shot": zero_shot}
+
+
+def peak_memory_mb(device: str) -> dict:
+    """The whole process's peak (loading and evaluation included), beside the pruning phase's own."""
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    peak = {"process_rss_peak_mb": round(rss_kb / 1024, 1)}
+    if torch.device(device).type == "cuda":
+        peak["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peak
+
+
+def versions() -> dict:
+    import transformers
+
+    from secateur import __version__
+
+    return {"secateur": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def build_results(*, model_source: str, recipe, report, calibration, dense: dict | None, pruned: dict | None,
+                  device: str, dtype: torch.dtype, started: float) -> dict:
+    """The record of one pruning run; `dense`/`pruned` are `evaluate_model` outputs (or None)."""
+    evaluations = {label: result for label, result in (("dense", dense), ("pruned", pruned)) if result}
+    results = {
+        "format": RESULTS_FORMAT,
+        "model": model_source,
+        "method": recipe.method,
+        "sparsity_type": recipe.sparsity_type,
+        "sparsity_target": recipe.nominal_sparsity,
+        "sparsity_achieved": round(report.sparsity_achieved, 6),
+        "allocation": recipe.allocation,
+        "block_sparsity": [round(s, 6) for s in report.block_sparsity],
+        "owl_outlier_ratios": report.owl_outlier_ratios,
+        "layers": [{k: layer[k] for k in ("name", "shape", "sparsity") if k in layer}
+                   | ({"bias_updated": True} if layer.get("bias_updated") else {}) for layer in report.layers],
+        "structure": report.structure,
+        "perplexity": {label: result["perplexity"] for label, result in evaluations.items()
+                       if result["perplexity"]},
+        "timings_s": report.timings_s | {"run_total": round(time.perf_counter() - started, 3)},
+        "peak_memory_mb": report.memory_mb | peak_memory_mb(device),
+        "protocol": {
+            "calibration": calibration.protocol if calibration is not None else None,
+            "evaluation": next((result["protocols"] for result in evaluations.values()), {}),
+            "device": device,
+            "dtype": str(dtype).removeprefix("torch."),
+        },
+        "warnings": report.warnings,
+        "versions": versions(),
+        "recipe": recipe.to_dict(),
+    }
+    zero_shot = {label: result["zero_shot"] for label, result in evaluations.items() if result["zero_shot"]}
+    if zero_shot:
+        results["zero_shot"] = zero_shot
+    return results

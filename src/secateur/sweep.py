@@ -1,0 +1,282 @@
+"""A grid of pruning runs on one model, one JSON line per run, resumable.
+
+DIR/sweep.json records what every run shares (model, calibration, evaluation); DIR/dense.json
+the dense model's numbers, measured once; DIR/runs.jsonl one results record per finished
+run (the same record as a `prune` results.json, plus `run: {id, status}`). Rerunning the same
+sweep skips the runs already `done`; failed runs are tried again. Lines are appended and
+flushed one at a time, so an interrupted sweep loses at most the run in progress.
+
+Grid rules, decided here:
+- the whole grid is checked (methods, sparsities, sparsity types, allocations) before any
+  model is loaded; an invalid entry stops the sweep with one line naming it;
+- N:M types fix the ratio, so they run once per method whatever `--sparsities` says;
+- OWL and N:M apply to unstructured methods only: structured methods (putri, flap,
+  wanda-sp, block-drop) run at `unstructured`/`uniform` and the other combinations are
+  skipped with a note, so one sweep can compare both kinds.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from secateur.errors import SecateurError
+from secateur.recipe import Recipe
+
+SWEEP_FORMAT = "secateur-sweep/1"
+RUNS_FILE = "runs.jsonl"
+
+
+@dataclass(frozen=True)
+class GridPlan:
+    recipes: list[Recipe]
+    notes: list[str]
+
+
+def run_id(recipe: Recipe) -> str:
+    """Stable name of a grid point: it is how a rerun recognises finished work."""
+    kind = recipe.sparsity_type.replace(":", "of")
+    sparsity = "" if recipe.sparsity_type != "unstructured" else f"-{recipe.sparsity:g}"
+    return f"{recipe.method}-{kind}-{recipe.allocation}{sparsity}"
+
+
+def plan_grid(methods: list[str], sparsities: list[float], sparsity_types: list[str], allocations: list[str],
+              base: dict) -> GridPlan:
+    """Every recipe of the grid, validated; raises on the first invalid entry."""
+    from secateur.methods import get_method
+
+    if not methods:
+        raise SecateurError("--methods is empty; give a comma list such as wanda,sparsegpt")
+    for label, values in (("--sparsities", sparsities), ("--sparsity-type", sparsity_types),
+                          ("--allocation", allocations)):
+        if not values:
+            raise SecateurError(f"{label} is empty")
+    structured = {}
+    for method in methods:
+        try:
+            structured[method] = getattr(get_method(method, **base.get("method_options", {})), "structured", False)
+        except SecateurError as error:
+            raise SecateurError(f"sweep grid entry --methods {method}: {error}") from None
+    for sparsity in sparsities:  # checked once, with a method that takes any ratio
+        _recipe({**base, "method": "magnitude", "sparsity": sparsity}, f"--sparsities {sparsity}")
+    for kind in sparsity_types:
+        _recipe({**base, "method": "magnitude", "sparsity_type": kind}, f"--sparsity-type {kind}")
+    for allocation in allocations:
+        _recipe({**base, "method": "magnitude", "allocation": allocation}, f"--allocation {allocation}")
+
+    recipes, notes, seen = [], [], set()
+    for method in methods:
+        for kind in sparsity_types:
+            for allocation in allocations:
+                if structured[method] and (kind != "unstructured" or allocation != "uniform"):
+                    notes.append(f"{method} is structured: skipped at {kind}/{allocation}")
+                    continue
+                if kind != "unstructured" and allocation == "owl":
+                    notes.append(f"{method} {kind}: skipped with owl (N:M fixes every block's ratio)")
+                    continue
+                for sparsity in sparsities if kind == "unstructured" else [0.0]:
+                    fields = {**base, "method": method, "sparsity_type": kind, "allocation": allocation,
+                              "sparsity": sparsity}
+                    recipe = _recipe(fields, f"{method} {kind} {allocation} {sparsity}")
+                    if run_id(recipe) not in seen:
+                        seen.add(run_id(recipe))
+                        recipes.append(recipe)
+    if not recipes:
+        raise SecateurError("the sweep grid is empty after skipping incompatible combinations: " + "; ".join(notes))
+    return GridPlan(recipes, notes)
+
+
+def _recipe(fields: dict, entry: str) -> Recipe:
+    try:
+        return Recipe.from_dict(fields)
+    except SecateurError as error:
+        raise SecateurError(f"sweep grid entry {entry}: {error}") from None
+
+
+class RunLog:
+    """DIR/runs.jsonl: read finished ids, append records durably."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / RUNS_FILE
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [record for record in map(_parse_line, self.path.read_text(encoding="utf-8").splitlines()) if record]
+
+    def drop_cut_lines(self) -> int:
+        """A kill mid-write leaves a line cut short; drop it (that run is simply redone) so the
+        file stays valid JSON lines. Returns how many lines were dropped."""
+        if not self.path.exists():
+            return 0
+        text = self.path.read_text(encoding="utf-8")
+        kept = [line for line in text.splitlines() if _parse_line(line)]
+        dropped = len([line for line in text.splitlines() if line.strip()]) - len(kept)
+        if dropped or (text and not text.endswith("\n")):
+            staging = self.path.with_name(f".{self.path.name}.tmp")
+            staging.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            os.replace(staging, self.path)
+        return dropped
+
+    def finished(self) -> set[str]:
+        return {r["run"]["id"] for r in self.records() if r.get("run", {}).get("status") == "done"}
+
+    def append(self, record: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _parse_line(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and "run" in record else None
+
+
+def check_settings(out_dir: Path, settings: dict) -> None:
+    """A directory holds one sweep: refuse to mix runs made under other shared settings."""
+    path = out_dir / "sweep.json"
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise SecateurError(f"{path} is not valid JSON; give another --out or remove it") from None
+        if previous.get("format") != SWEEP_FORMAT:
+            raise SecateurError(f"{path} is not a secateur sweep file; give another --out")
+        differ = sorted(key for key in settings if previous.get("settings", {}).get(key) != settings[key])
+        if differ:
+            raise SecateurError(f"{out_dir} holds a sweep with other settings (differs in: {', '.join(differ)}); "
+                                "give another --out or the same settings to resume it")
+    elif out_dir.exists() and any(p for p in out_dir.iterdir() if p.name not in ("sweep.json", RUNS_FILE)):
+        raise SecateurError(f"{out_dir} exists and is not a sweep directory; give a new or empty --out")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    from secateur.export import write_json_atomic
+
+    write_json_atomic(path, data)
+
+
+def _eta(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def run_sweep(plan: GridPlan, *, model_spec, out_dir, eval_options, base: dict, dtype, save_checkpoints=False,
+              speed=False, speed_repeats=3, data_dir=None) -> dict:
+    """Run every grid point not yet done. Returns {"done": n, "skipped": n, "failed": [ids]}."""
+    import secateur
+    from secateur.data import calibration_windows
+    from secateur.export import save_checkpoint
+    from secateur.models import load_model
+    from secateur.pipeline import RESULTS_FORMAT, build_results, evaluate_model
+
+    out_dir = Path(out_dir)
+    model_label = model_spec or "smollm2-135m"
+    settings = {"model": model_label, "dtype": str(dtype).removeprefix("torch."),
+                "calibration": {k: base.get(k) for k in ("calib", "nsamples", "seqlen", "seed")},
+                "eval": {"datasets": eval_options.datasets, "seqlen": eval_options.seqlen,
+                         "max_windows": eval_options.max_windows, "tasks": eval_options.tasks,
+                         "limit": eval_options.limit, "task_source": eval_options.task_source},
+                "speed": speed}
+    check_settings(out_dir, settings)
+    log = RunLog(out_dir)
+    if log.drop_cut_lines():
+        print(f"note: dropped a cut-short line from {log.path} (an interrupted run); it runs again", file=sys.stderr)
+    finished = log.finished()
+    todo = [recipe for recipe in plan.recipes if run_id(recipe) not in finished]
+    for note in plan.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"sweep: {len(plan.recipes)} runs, {len(plan.recipes) - len(todo)} already done, {len(todo)} to go "
+          f"-> {out_dir / RUNS_FILE}", file=sys.stderr)
+    if not todo:
+        return {"done": 0, "skipped": len(plan.recipes), "failed": []}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(out_dir / "sweep.json", {"format": SWEEP_FORMAT, "settings": settings,
+                                         "grid": [run_id(r) for r in plan.recipes]})
+
+    loaded = load_model(model_spec, dtype=dtype, device="cpu")
+    dense_model, tokenizer = loaded.model, loaded.tokenizer
+    first = Recipe.from_dict({**base, "method": "magnitude"})
+    eval_seqlen = eval_options.seqlen or first.seqlen
+    dense_path = out_dir / "dense.json"
+    dense = json.loads(dense_path.read_text()) if dense_path.exists() else None
+    if dense is None and (eval_options.datasets or eval_options.tasks):
+        dense = evaluate_model(dense_model, tokenizer, eval_options, seqlen=eval_seqlen, label="dense")
+        _write_json(dense_path, dense)
+    calibration = None
+    if any(_needs_data(recipe) for recipe in todo):
+        calibration = calibration_windows(tokenizer, first.calib, nsamples=first.nsamples, seqlen=first.seqlen,
+                                          seed=first.seed, data_dir=data_dir)
+
+    failed, durations = [], []
+    for index, recipe in enumerate(todo, 1):
+        name = run_id(recipe)
+        started = time.perf_counter()
+        try:
+            model = copy.deepcopy(dense_model)
+            model, report = secateur.prune(model, recipe, calibration, tokenizer=tokenizer,
+                                           device=eval_options.device, progress=False)
+            model.to("cpu")
+            pruned = evaluate_model(model, tokenizer, eval_options, seqlen=eval_seqlen, label=name) \
+                if (eval_options.datasets or eval_options.tasks) else None
+            record = build_results(model_source=loaded.source, recipe=recipe, report=report,
+                                   calibration=calibration, dense=dense, pruned=pruned, device=eval_options.device,
+                                   dtype=dtype, started=started)
+            if speed:
+                record["speed"] = _speed(dense_model, model, speed_repeats)
+            if save_checkpoints:
+                record["checkpoint"] = str(out_dir / "checkpoints" / name)
+                save_checkpoint(model, tokenizer, out_dir / "checkpoints" / name, recipe_yaml=recipe.to_yaml(),
+                                results=record, overwrite=True)
+            record["run"] = {"id": name, "status": "done"}
+            del model
+        except SecateurError as error:  # e.g. a ratio the method cannot reach: record it, go on
+            failed.append(name)
+            record = {"format": RESULTS_FORMAT, "model": loaded.source, "method": recipe.method,
+                      "sparsity_type": recipe.sparsity_type, "sparsity_target": recipe.nominal_sparsity,
+                      "allocation": recipe.allocation, "recipe": recipe.to_dict(), "error": str(error),
+                      "run": {"id": name, "status": "failed"}}
+        log.append(record)
+        durations.append(time.perf_counter() - started)
+        remaining = sum(durations) / len(durations) * (len(todo) - index)
+        print(f"[{index}/{len(todo)}] {name}: {_one_line(record)} in {durations[-1]:.0f} s; "
+              f"ETA {_eta(remaining)}", file=sys.stderr)
+    return {"done": len(todo) - len(failed), "skipped": len(plan.recipes) - len(todo), "failed": failed}
+
+
+def _needs_data(recipe: Recipe) -> bool:
+    from secateur.methods import get_method
+
+    method = get_method(recipe.method, **recipe.method_options)
+    return getattr(method, "structured", False) or bool(method.needs) or recipe.allocation == "owl"
+
+
+def _speed(dense_model, model, repeats: int) -> dict:
+    from secateur.eval.speed import compare_latency
+
+    latency = compare_latency({"dense": dense_model, "pruned": model}, vocab_size=dense_model.config.vocab_size,
+                              repeats=repeats)
+    return {"prefill_ratio": latency["dense"]["prefill_s"]["median"] / latency["pruned"]["prefill_s"]["median"],
+            "decode_ratio": latency["pruned"]["decode_tok_s"]["median"] / latency["dense"]["decode_tok_s"]["median"],
+            "latency": latency}
+
+
+def _one_line(record: dict) -> str:
+    if record["run"]["status"] != "done":
+        return f"failed: {record['error']}"
+    parts = [f"sparsity {record['sparsity_achieved']:.3f}"]
+    parts += [f"{name} ppl {value:.2f}" for name, value in record.get("perplexity", {}).get("pruned", {}).items()]
+    zero_shot = record.get("zero_shot", {}).get("pruned")
+    if zero_shot:
+        parts.append(f"zero-shot {zero_shot['mean_acc']:.3f}")
+    return ", ".join(parts)
