@@ -11,7 +11,6 @@ measured in the same run, interleaved with the dense model.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import platform
@@ -21,9 +20,9 @@ import time
 from pathlib import Path
 
 import torch
+from common import benchmark_parser, load_setup
 
 import secateur
-from secateur.data import calibration_windows
 from secateur.eval import perplexity
 from secateur.eval.speed import compare_latency
 from secateur.export import save_checkpoint
@@ -39,49 +38,47 @@ VARIANTS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--calib", default="c4")
-    parser.add_argument("--nsamples", type=int, default=32)
-    parser.add_argument("--seqlen", type=int, default=256)
-    parser.add_argument("--eval-seqlen", type=int, default=512)
-    parser.add_argument("--max-windows", type=int, default=8)
-    parser.add_argument("--datasets", default="wikitext2,c4")
+    parser = benchmark_parser(__doc__.splitlines()[0])
     parser.add_argument("--ratios", default="0.2,0.3,0.4,0.5")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--search-ratios", default="0.2,0.3",
                         help="ratios at which the slow perplexity-searched putri-ppl runs")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="latency repetitions per model; 0 = measure latency later with --latency-pass")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep every pruned checkpoint under OUT/checkpoints (needed by --latency-pass)")
+    parser.add_argument("--latency-pass", action="store_true",
+                        help="only time the kept checkpoints against dense (interleaved) and update the table; "
+                             "run it when the machine is otherwise idle")
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows already in OUT/structured.json (same settings) and run only the rest")
     args = parser.parse_args()
-    datasets = args.datasets.split(",")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    loaded = secateur.load(args.model)
+    out, datasets, loaded, calib = load_setup(args)
     dense, tokenizer = loaded.model, loaded.tokenizer
-    calib = calibration_windows(tokenizer, args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
-                                data_dir=args.data_dir)
 
     def evaluate(model):
         return {name: perplexity(model, tokenizer, name, seqlen=args.eval_seqlen, max_windows=args.max_windows,
                                  data_dir=args.data_dir)["perplexity"] for name in datasets}
 
-    def disk_mb(model) -> float:
+    def disk_mb(model, keep_as: str | None = None) -> float:
         with tempfile.TemporaryDirectory() as tmp:
-            path = save_checkpoint(model, None, Path(tmp) / "ckpt", recipe_yaml="", results={}, overwrite=False)
+            target = out / "checkpoints" / keep_as if keep_as else Path(tmp) / "ckpt"
+            path = save_checkpoint(model, tokenizer if keep_as else None, target, recipe_yaml="", results={},
+                                   overwrite=True)
             return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
+
+    if args.latency_pass:
+        latency_pass(args, out, dense, tokenizer, datasets)
+        return
 
     dense_params = get_adapter(dense).count_block_params()
     dense_row = {"perplexity": evaluate(dense), "params": dense_params, "disk_mb": disk_mb(dense)}
     rows = []
     if args.resume and (out / "structured.json").exists():
         previous = json.loads((out / "structured.json").read_text())
-        same = {k: v for k, v in previous["args"].items() if k not in ("resume", "ratios", "variants", "search_ratios")}
-        now = {k: v for k, v in vars(args).items() if k not in ("resume", "ratios", "variants", "search_ratios")}
+        free = ("resume", "ratios", "variants", "search_ratios", "repeats", "keep_checkpoints", "latency_pass")
+        same = {k: v for k, v in previous["args"].items() if k not in free}
+        now = {k: v for k, v in vars(args).items() if k not in free}
         if same != now:
             sys.exit(f"--resume: {out / 'structured.json'} was made with other settings: {same}")
         rows = previous["runs"]
@@ -102,27 +99,62 @@ def main() -> None:
                                    calib, progress=False)
         elapsed = time.perf_counter() - started
         latency = compare_latency({"dense": dense, "pruned": model}, vocab_size=dense.config.vocab_size,
-                                  repeats=args.repeats)
+                                  repeats=args.repeats) if args.repeats else None
         row = {
             "variant": variant, "ratio": ratio, "perplexity": evaluate(model),
             "params": report.structure["params_after"], "removed": report.sparsity_achieved,
-            "disk_mb": disk_mb(model), "prune_s": elapsed, "timings_s": report.timings_s,
-            "prefill_speedup": latency["dense"]["prefill_s"]["median"] / latency["pruned"]["prefill_s"]["median"],
-            "decode_speedup": latency["pruned"]["decode_tok_s"]["median"] / latency["dense"]["decode_tok_s"]["median"],
-            "latency": latency, "structure": report.structure,
+            "disk_mb": disk_mb(model, f"{variant}-{ratio}" if args.keep_checkpoints else None),
+            "prune_s": elapsed, "timings_s": report.timings_s, **speedups(latency), "structure": report.structure,
         }
         rows.append(row)
-        print(f"done {variant} {ratio}: {row['perplexity']} removed {row['removed']:.3f} "
-              f"prefill x{row['prefill_speedup']:.2f} in {elapsed:.0f} s", file=sys.stderr)
+        print(f"done {variant} {ratio}: {row['perplexity']} removed {row['removed']:.3f} in {elapsed:.0f} s",
+              file=sys.stderr)
         del model
-        table = render(rows, dense_row, datasets, args)
-        (out / "structured.md").write_text(table)
-        (out / "structured.json").write_text(json.dumps({
-            "dense": dense_row, "runs": rows, "calibration": calib.protocol, "args": vars(args),
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "secateur": secateur.__version__,
-        }, indent=2))
+        write_results(out, rows, dense_row, datasets, args, calib.protocol)
     print(render(rows, dense_row, datasets, args))
+
+
+def speedups(latency) -> dict:
+    if latency is None:
+        return {"prefill_speedup": None, "decode_speedup": None, "latency": None}
+    return {
+        "prefill_speedup": latency["dense"]["prefill_s"]["median"] / latency["pruned"]["prefill_s"]["median"],
+        "decode_speedup": latency["pruned"]["decode_tok_s"]["median"] / latency["dense"]["decode_tok_s"]["median"],
+        "latency": latency,
+    }
+
+
+def write_results(out, rows, dense_row, datasets, args, calibration) -> None:
+    (out / "structured.md").write_text(render(rows, dense_row, datasets, args))
+    (out / "structured.json").write_text(json.dumps({
+        "dense": dense_row, "runs": rows, "calibration": calibration, "args": vars(args),
+        "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+        "torch": torch.__version__, "secateur": secateur.__version__,
+    }, indent=2))
+
+
+def latency_pass(args, out, dense, tokenizer, datasets) -> None:
+    """Time each kept checkpoint against the dense model, interleaved, and rewrite the table:
+    pruning and perplexity are CPU-bound work that can share a machine; latency cannot."""
+    saved = json.loads((out / "structured.json").read_text())
+    rows, latency_repeats = saved["runs"], max(args.repeats, 1)
+    for row in rows:
+        path = out / "checkpoints" / f"{row['variant']}-{row['ratio']}"
+        if not path.is_dir():
+            print(f"no checkpoint for {row['variant']} {row['ratio']}; rerun with --keep-checkpoints", file=sys.stderr)
+            continue
+        if not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
+            tokenizer.save_pretrained(path)  # checkpoints kept by older runs hold the weights only
+        pruned = secateur.load(str(path)).model
+        row.update(speedups(compare_latency({"dense": dense, "pruned": pruned}, vocab_size=dense.config.vocab_size,
+                                            repeats=latency_repeats)))
+        row["latency_repeats"] = latency_repeats
+        print(f"latency {row['variant']} {row['ratio']}: prefill x{row['prefill_speedup']:.2f} "
+              f"decode x{row['decode_speedup']:.2f}", file=sys.stderr)
+        del pruned
+        args.repeats = latency_repeats
+        write_results(out, rows, saved["dense"], datasets, args, saved["calibration"])
+    print(render(rows, saved["dense"], datasets, args))
 
 
 def render(rows, dense_row, datasets, args) -> str:
@@ -142,7 +174,8 @@ def render(rows, dense_row, datasets, args) -> str:
             f"| {row['variant']} | {row['removed']:.1%} | "
             + " | ".join(f"{row['perplexity'][d]:.2f}" for d in datasets)
             + f" | {row['params'] / 1e6:.1f} | {row['disk_mb']:.0f} | {row['prune_s']:.0f} | "
-            f"{row['prefill_speedup']:.2f} | {row['decode_speedup']:.2f} |"
+            + (f"{row['prefill_speedup']:.2f} | {row['decode_speedup']:.2f} |" if row.get("prefill_speedup")
+               else "n/a | n/a |")
         )
     return "\n".join(lines) + "\n"
 

@@ -13,18 +13,16 @@ the timing ratios compare like with like on this machine.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
+from common import benchmark_parser, load_setup
 
 import secateur
-from secateur.data import calibration_windows
 from secateur.eval import perplexity
 
 RUNS = [(method, kind, sparsity, "uniform") for method in ("magnitude", "wanda", "stade", "sparsegpt")
@@ -36,27 +34,12 @@ TIME_TARGET = {"magnitude": 1.3, "wanda": 1.3, "stade": 1.3, "sparsegpt": 2.0}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--calib", default="c4")
-    parser.add_argument("--nsamples", type=int, default=32)
-    parser.add_argument("--seqlen", type=int, default=256)
-    parser.add_argument("--eval-seqlen", type=int, default=512)
-    parser.add_argument("--max-windows", type=int, default=8)
-    parser.add_argument("--datasets", default="wikitext2,c4")
+    parser = benchmark_parser(__doc__.splitlines()[0])
     parser.add_argument("--only", default=None, help="comma list of methods to run (default: all)")
-    parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     torch.manual_seed(0)
-    datasets = args.datasets.split(",")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    loaded = secateur.load(args.model)
+    out, datasets, loaded, calib = load_setup(args)
     dense, tokenizer = loaded.model, loaded.tokenizer
-    calib = calibration_windows(tokenizer, args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
-                                data_dir=args.data_dir)
     model_mb = sum(p.numel() * p.element_size() for p in dense.parameters()) / 2**20
     activation_mb = args.nsamples * args.seqlen * dense.config.hidden_size * 4 / 2**20
 

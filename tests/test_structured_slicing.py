@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import TINY_ARCHS, build_tiny_model, tiny_tokenizer
+from tiny_models import TINY_ARCHS, build_tiny_model, model_from_config, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from secateur.errors import SecateurError
@@ -32,17 +32,7 @@ def make_model(arch: str, seed: int = 0) -> torch.nn.Module:
     config.num_attention_heads, config.num_key_value_heads = 8, 4
     if arch in ("llama", "mistral"):
         config.head_dim = config.hidden_size // 8
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if "norm" in name:
-                param.add_(0.1 * noise)
-            else:
-                param.copy_((0.05 if name.endswith("bias") else 0.15) * noise)
-    return model.eval()
+    return model_from_config(config, seed)
 
 
 def ids(batch: int = 2, length: int = 12) -> torch.Tensor:

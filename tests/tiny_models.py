@@ -136,7 +136,11 @@ def _config(arch: str) -> PretrainedConfig:
 
 def build_tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
     """A random float32 eval-mode CausalLM of family `arch` (2 blocks; 3 for gemma3_text)."""
-    config = _config(arch)
+    return model_from_config(_config(arch), seed)
+
+
+def model_from_config(config: PretrainedConfig, seed: int = 0) -> torch.nn.Module:
+    """A float32 eval-mode CausalLM of `config` with the tiny models' seeded random weights."""
     config._attn_implementation = "eager"  # tiny inputs: eager is exact and supports every family
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

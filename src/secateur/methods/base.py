@@ -67,6 +67,19 @@ class Method(Protocol):
     ) -> PruneResult: ...
 
 
+class StructuredMethod:
+    """Base of the methods that remove whole units (neurons, KV groups, blocks) across the
+    model: the structured engine calls `prune_model(session, sparsity)`; there is no per-layer
+    `prune`, because what one layer loses depends on every other."""
+
+    needs: ClassVar[frozenset[str]] = frozenset()  # they gather their own statistics in the session
+    structured: ClassVar[bool] = True
+
+    def prune(self, weight, bias, stats, target):
+        raise SecateurError(f"{self.name} is a structured method: it prunes whole models (secateur.prune), "
+                            "not one layer")
+
+
 METHODS: dict[str, type] = {}
 
 

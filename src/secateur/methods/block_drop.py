@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from secateur.errors import SecateurError
-from secateur.methods.base import register
+from secateur.methods.base import StructuredMethod, register
 
 COSINE_EPS = 1e-12  # a zero hidden state has cosine 0 with anything
 
@@ -62,17 +62,13 @@ def blocks_to_drop(influences: list[float], n: int) -> list[int]:
 
 @register
 @dataclass
-class BlockDrop:
+class BlockDrop(StructuredMethod):
     """ShortGPT: drop the blocks that change the hidden state least (lowest block influence,
     1 − mean cosine similarity of a block's input and output on calibration tokens, measured
     on the dense model in one pass). `--sparsity` s removes round(s · blocks) blocks."""
 
     name: ClassVar[str] = "block-drop"
-    needs: ClassVar[frozenset[str]] = frozenset()
-    structured: ClassVar[bool] = True
 
-    def prune(self, weight, bias, stats, target):
-        raise SecateurError("block-drop is a structured method: it prunes whole models (secateur.prune)")
 
     def prune_model(self, session, sparsity: float) -> dict:
         adapter = session.adapter

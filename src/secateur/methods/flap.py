@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from secateur.errors import SecateurError
-from secateur.methods.base import register
+from secateur.methods.base import StructuredMethod, register
 from secateur.methods.putri import unit_params
 
 
@@ -158,18 +158,14 @@ def bias_compensation(
 
 @register
 @dataclass
-class Flap:
+class Flap(StructuredMethod):
     """FLAP: fluctuation scores of FFN channels and KV groups, standardised per layer, one global
     threshold (blocks end with different widths), bias compensation with the removed channels'
     mean contribution. Statistics come from the dense model in one pass, as in the paper."""
 
     name: ClassVar[str] = "flap"
-    needs: ClassVar[frozenset[str]] = frozenset()
-    structured: ClassVar[bool] = True
     heads: bool = True  # also remove KV groups (False: FFN channels only)
 
-    def prune(self, weight, bias, stats, target):
-        raise SecateurError("flap is a structured method: it prunes whole models (secateur.prune), not one layer")
 
     def prune_model(self, session, sparsity: float) -> dict:
         adapter = session.adapter

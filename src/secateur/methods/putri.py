@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from secateur.errors import SecateurError
-from secateur.methods.base import register
+from secateur.methods.base import StructuredMethod, register
 from secateur.methods.sparsegpt import DAMP_RETRIES, inverse_cholesky_upper
 
 ALPHA = 1.5
@@ -225,7 +225,7 @@ HEAD_SCORES = ("reconstruction", "perplexity")
 
 @register
 @dataclass
-class Putri:
+class Putri(StructuredMethod):
     """Prune, Update and Trim: FFN neurons block by block with a least-squares update of the
     down projection, then whole KV groups of attention heads.
 
@@ -239,8 +239,6 @@ class Putri:
     """
 
     name: ClassVar[str] = "putri"
-    needs: ClassVar[frozenset[str]] = frozenset()
-    structured: ClassVar[bool] = True
     alpha: float = 1.5
     head_score: str = "reconstruction"
     refit_o_proj: bool = True
@@ -253,8 +251,6 @@ class Putri:
         if self.alpha <= 0 or self.search_windows < 1:
             raise SecateurError("putri needs alpha > 0 and search_windows >= 1")
 
-    def prune(self, weight, bias, stats, target):
-        raise SecateurError("putri is a structured method: it prunes whole models (secateur.prune), not one layer")
 
     def prune_model(self, session, sparsity: float) -> dict:
         budget = model_budget(session.adapter, sparsity, self.alpha)

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from secateur.errors import SecateurError
-from secateur.methods.base import register
+from secateur.methods.base import StructuredMethod, register
 from secateur.methods.putri import lowest_groups, model_budget, top_k
 
 
@@ -131,19 +131,15 @@ def _check_norm(name: str, norm: torch.Tensor, cols: int) -> None:
 
 @register
 @dataclass
-class WandaSP:
+class WandaSP(StructuredMethod):
     """Structured Wanda, the baseline: FFN channels and KV groups ranked by the summed Wanda
     score of the weights removed with them, no weight update. Uses Putri's budget split (same
     FFN width in every block, KV groups removed where they score lowest over the model), so the
     two differ only in what they score and whether they update."""
 
     name: ClassVar[str] = "wanda-sp"
-    needs: ClassVar[frozenset[str]] = frozenset()
-    structured: ClassVar[bool] = True
     alpha: float = 1.5
 
-    def prune(self, weight, bias, stats, target):
-        raise SecateurError("wanda-sp is a structured method: it prunes whole models (secateur.prune)")
 
     def prune_model(self, session, sparsity: float) -> dict:
         adapter = session.adapter
