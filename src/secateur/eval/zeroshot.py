@@ -194,6 +194,16 @@ def _quiet_lm_eval() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _quiet_hflm_class(base):
+    """HFLM without progress bars: lm-eval's evaluator never passes `disable_tqdm`."""
+
+    class QuietHFLM(base):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+    return QuietHFLM
+
+
 def zero_shot(model, tokenizer, tasks: list[str], *, limit: int | None = None, source: str = "local",
               batch_size: int = 16, device: str = "cpu", quiet: bool = False) -> dict:
     """Accuracy of `model` on `tasks` (0-shot). `limit` keeps the first K documents of each.
@@ -218,7 +228,8 @@ def zero_shot(model, tokenizer, tasks: list[str], *, limit: int | None = None, s
         specs, manager = list(tasks), TaskManager()
     was_training = model.training
     model.eval()
-    wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+    wrapper = _quiet_hflm_class(HFLM) if quiet else HFLM
+    wrapped = wrapper(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
     try:
         output = lm_eval.simple_evaluate(model=wrapped, tasks=specs, task_manager=manager, limit=limit,
                                          num_fewshot=0, log_samples=False, bootstrap_iters=1000,
