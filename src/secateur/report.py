@@ -423,7 +423,7 @@ def heatmap_figure(heatmap: Heatmap, label: str):
     image = ax.imshow(np.ma.masked_invalid(np.array(heatmap.values, dtype=float)), aspect="auto",
                       cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.set_yticks(range(rows), heatmap.row_labels)
-    step = 1 if cols <= 40 else 5
+    step = 1 if cols <= 16 else 2 if cols <= 40 else 5  # legible block numbers
     ax.set_xticks(range(0, cols, step))
     ax.set_xlabel("block index")
     ax.set_ylabel("sparsity target")

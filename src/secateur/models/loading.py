@@ -68,14 +68,16 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 class LoadedModel:
     model: nn.Module
     tokenizer: object
-    source: str  # where the weights came from (a resolved path or a hub id)
+    source: str  # where the weights came from: a resolved path, a hub id, or 'alias (file name)'
 
 
 def load_model(spec: str | None, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode on `device` in `dtype`."""
     spec = spec or DEFAULT_MODEL
     if spec in ALIASES:
-        loaded = _load_gguf(_locate_packaged(spec), dtype)
+        path = _locate_packaged(spec)
+        loaded = _load_gguf(path, dtype)
+        loaded.source = f"{spec} ({path.name})"  # the alias, not this machine's install path
     else:
         path = Path(spec).expanduser()
         if path.is_file() and path.suffix == ".gguf":
