@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from tiny_models import build_tiny_model
+from tiny_models import _config, build_tiny_model, model_from_config
 
 import secateur
 from secateur.errors import SecateurError
@@ -53,6 +53,26 @@ def test_putri_head_scores_both_work_and_can_differ():
         results[score] = report.structure["kv_groups_removed"]
         assert sum(map(len, results[score])) > 0
     assert sum(map(len, results["reconstruction"])) == sum(map(len, results["perplexity"]))
+
+
+@pytest.mark.parametrize("sparsity", [0.2, 0.4])
+def test_putri_perplexity_search_removes_exactly_the_budget(sparsity):
+    """With more groups per round than the budget (4 KV groups per block, 4 blocks), the greedy
+    search must stop at the budget, not take a whole round."""
+    from secateur.methods.putri import model_budget
+
+    config = _config("llama")
+    config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads = 4, 8, 4
+    config.head_dim = config.hidden_size // 8
+    dense = model_from_config(config)
+    budget = model_budget(get_adapter(dense), sparsity, 1.5).heads_groups_to_remove
+    ids = calibration_ids(dense)
+    for score in ("reconstruction", "perplexity"):
+        model = copy.deepcopy(dense)
+        _, report = secateur.prune(model, Recipe(method="putri", sparsity=sparsity,
+                                                 method_options={"head_score": score}), ids, progress=False)
+        assert sum(map(len, report.structure["kv_groups_removed"])) == budget, score
+        assert report.sparsity_achieved == pytest.approx(sparsity, abs=0.01), score
 
 
 def test_putri_ffn_update_beats_plain_removal():

@@ -345,9 +345,9 @@ class Putri(StructuredMethod):
                         candidates.append((session.calibration_nll(self.search_windows), index, group))
             if not candidates:
                 break
-            taken = 0
+            quota, taken = min(per_round, count - sum(map(len, removed))), 0  # fixed before this round takes any
             for _, index, group in sorted(candidates):
-                if taken == min(per_round, count - sum(map(len, removed))):
+                if taken == quota:
                     break
                 if len(removed[index]) >= units[index].num_groups - 1:
                     continue
