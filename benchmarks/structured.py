@@ -24,7 +24,9 @@ from common import benchmark_parser, load_setup
 
 import secateur
 from secateur.eval import perplexity
+from secateur.eval.bench import disk_size
 from secateur.eval.speed import compare_latency
+from secateur.eval.speed import speedups as speed_ratios
 from secateur.export import save_checkpoint
 from secateur.models import get_adapter
 
@@ -65,7 +67,7 @@ def main() -> None:
             target = out / "checkpoints" / keep_as if keep_as else Path(tmp) / "ckpt"
             path = save_checkpoint(model, tokenizer if keep_as else None, target, recipe_yaml="", results={},
                                    overwrite=True)
-            return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
+            return disk_size(model, path)["mb"]
 
     if args.latency_pass:
         latency_pass(args, out, dense, tokenizer, datasets)
@@ -117,11 +119,7 @@ def main() -> None:
 def speedups(latency) -> dict:
     if latency is None:
         return {"prefill_speedup": None, "decode_speedup": None, "latency": None}
-    return {
-        "prefill_speedup": latency["dense"]["prefill_s"]["median"] / latency["pruned"]["prefill_s"]["median"],
-        "decode_speedup": latency["pruned"]["decode_tok_s"]["median"] / latency["dense"]["decode_tok_s"]["median"],
-        "latency": latency,
-    }
+    return speed_ratios(latency, "pruned", "dense") | {"latency": latency}
 
 
 def write_results(out, rows, dense_row, datasets, args, calibration) -> None:

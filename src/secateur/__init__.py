@@ -62,9 +62,8 @@ def prune(model, recipe=None, data=None, *, tokenizer=None, device: str = "cpu",
     adapter = get_adapter(model)
     method = get_method(recipe.method, **recipe.method_options)
     structured = getattr(method, "structured", False)
-    needs_data = structured or bool(method.needs) or recipe.allocation == "owl"
     input_ids = None
-    if needs_data:
+    if recipe.needs_calibration:
         if data is None or isinstance(data, (str, Path)):
             if tokenizer is None:
                 raise SecateurError("calibration from a text source needs the model's tokenizer (tokenizer=...)")

@@ -199,7 +199,6 @@ def cmd_prune(args) -> int:
     from secateur import prune as prune_api
     from secateur.data import calibration_windows
     from secateur.export import check_destination, save_checkpoint, write_json_atomic
-    from secateur.methods import get_method
     from secateur.models import load_model
     from secateur.pipeline import build_results, evaluate_model
 
@@ -215,9 +214,8 @@ def cmd_prune(args) -> int:
 
     loaded = load_model(args.model, dtype=dtype, device="cpu")
     model, tokenizer = loaded.model, loaded.tokenizer
-    method = get_method(recipe.method, **recipe.method_options)
     calibration = None
-    if getattr(method, "structured", False) or method.needs or recipe.allocation == "owl":
+    if recipe.needs_calibration:
         calibration = calibration_windows(tokenizer, recipe.calib, nsamples=recipe.nsamples, seqlen=recipe.seqlen,
                                           seed=recipe.seed, data_dir=args.data_dir)
 

@@ -77,6 +77,15 @@ class Recipe:
     def nominal_sparsity(self) -> float:
         return self.target().sparsity
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether pruning reads calibration data: every structured method, every method that
+        gathers statistics, and OWL (its outlier survey), whatever the method."""
+        from secateur.methods.base import get_method
+
+        method = get_method(self.method, **self.method_options)
+        return getattr(method, "structured", False) or bool(method.needs) or self.allocation == "owl"
+
     # --- YAML -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

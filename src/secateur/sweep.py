@@ -206,7 +206,7 @@ def run_sweep(plan: GridPlan, *, model_spec, out_dir, eval_options, base: dict, 
 
     loaded = load_model(model_spec, dtype=dtype, device="cpu")
     dense_model, tokenizer = loaded.model, loaded.tokenizer
-    first = Recipe.from_dict({**base, "method": "magnitude"})
+    first = plan.recipes[0]  # every grid point shares the calibration fields of `base`
     eval_seqlen = eval_options.seqlen or first.seqlen
     dense_path = out_dir / "dense.json"
     dense = json.loads(dense_path.read_text()) if dense_path.exists() else None
@@ -214,7 +214,7 @@ def run_sweep(plan: GridPlan, *, model_spec, out_dir, eval_options, base: dict, 
         dense = evaluate_model(dense_model, tokenizer, eval_options, seqlen=eval_seqlen, label="dense")
         _write_json(dense_path, dense)
     calibration = None
-    if any(_needs_data(recipe) for recipe in todo):
+    if any(recipe.needs_calibration for recipe in todo):
         calibration = calibration_windows(tokenizer, first.calib, nsamples=first.nsamples, seqlen=first.seqlen,
                                           seed=first.seed, data_dir=data_dir)
 
@@ -254,21 +254,13 @@ def run_sweep(plan: GridPlan, *, model_spec, out_dir, eval_options, base: dict, 
     return {"done": len(todo) - len(failed), "skipped": len(plan.recipes) - len(todo), "failed": failed}
 
 
-def _needs_data(recipe: Recipe) -> bool:
-    from secateur.methods import get_method
-
-    method = get_method(recipe.method, **recipe.method_options)
-    return getattr(method, "structured", False) or bool(method.needs) or recipe.allocation == "owl"
-
-
 def _speed(dense_model, model, repeats: int) -> dict:
-    from secateur.eval.speed import compare_latency
+    from secateur.eval.speed import compare_latency, speedups
 
     latency = compare_latency({"dense": dense_model, "pruned": model}, vocab_size=dense_model.config.vocab_size,
                               repeats=repeats)
-    return {"prefill_ratio": latency["dense"]["prefill_s"]["median"] / latency["pruned"]["prefill_s"]["median"],
-            "decode_ratio": latency["pruned"]["decode_tok_s"]["median"] / latency["dense"]["decode_tok_s"]["median"],
-            "latency": latency}
+    ratios = speedups(latency, "pruned", "dense")
+    return {"prefill_ratio": ratios["prefill_speedup"], "decode_ratio": ratios["decode_speedup"], "latency": latency}
 
 
 def _one_line(record: dict) -> str:

@@ -25,7 +25,7 @@ from torch import nn
 
 from secateur.engine.memory import PeakMemory
 from secateur.errors import SecateurError
-from secateur.eval.speed import compare_latency
+from secateur.eval.speed import compare_latency, speedups
 
 MIB = 2**20
 PROTOCOL_NOTE = "interleaved runs, median; spread min-max"
@@ -186,15 +186,10 @@ def _time_two_four(model: nn.Module, *, vocab_size: int, **protocol) -> dict:
     finally:
         sparse = None
         gc.collect()
-    dense_prefill = timed["dense"]["prefill_s"]["median"]
-    sparse_prefill = timed["sparse"]["prefill_s"]["median"]
     return {
         "latency": {k: timed["sparse"][k] for k in ("prefill_s", "decode_tok_s")},
         "dense_latency": {k: timed["dense"][k] for k in ("prefill_s", "decode_tok_s")},
-        "prefill_speedup": _ratio(dense_prefill, sparse_prefill),
-        "decode_speedup": _ratio(
-            timed["sparse"]["decode_tok_s"]["median"], timed["dense"]["decode_tok_s"]["median"]
-        ),
+        **speedups(timed, "sparse", "dense"),
     }
 
 
@@ -322,12 +317,7 @@ def benchmark(
             if name == reference:
                 continue
             entry["ratios"] = {
-                "prefill_speedup": _ratio(
-                    ref["latency"]["prefill_s"]["median"], entry["latency"]["prefill_s"]["median"]
-                ),
-                "decode_speedup": _ratio(
-                    entry["latency"]["decode_tok_s"]["median"], ref["latency"]["decode_tok_s"]["median"]
-                ),
+                **speedups(latency, name, reference),
                 "params_ratio": _ratio(entry["params"]["total"], ref["params"]["total"]),
                 "disk_ratio": _ratio(entry["disk_bytes"], ref["disk_bytes"]),
                 "memory_ratio": _ratio(entry["peak_memory_mb"], ref["peak_memory_mb"]),

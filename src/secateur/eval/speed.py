@@ -45,6 +45,14 @@ def _summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
 
 
+def speedups(latency: dict, model: str, reference: str) -> dict:
+    """`model` against `reference` from one `compare_latency` result: > 1 means faster."""
+    return {
+        "prefill_speedup": latency[reference]["prefill_s"]["median"] / latency[model]["prefill_s"]["median"],
+        "decode_speedup": latency[model]["decode_tok_s"]["median"] / latency[reference]["decode_tok_s"]["median"],
+    }
+
+
 def compare_latency(models: dict, *, vocab_size: int, prompt_tokens: int = 512, decode_tokens: int = 64,
                     repeats: int = 3, warmup: int = 1, device="cpu", seed: int = 0) -> dict:
     """Prefill seconds and decode tokens/s for each model, runs interleaved model by model so
