@@ -52,9 +52,12 @@ def test_owl_equal_ratios_give_uniform_target():
     assert owl_sparsities([0.1, 0.3], 0.5, lam=0.0) == [0.5, 0.5]
 
 
-def test_owl_clips_to_valid_sparsity():
+def test_owl_clips_to_valid_sparsity_and_keeps_the_mean():
+    # Unclipped this is [0.10, -0.06]; clipping alone gave [0.10, 0.0], a mean of 0.05 for a 0.02 target.
     s = owl_sparsities([0.0, 1.0], 0.02, lam=0.08)
-    assert s == [pytest.approx(0.10), 0.0]
+    assert s == [pytest.approx(0.04), 0.0]
+    s = owl_sparsities([0.0, 5.0, 5.0, 5.0, 5.0], 0.9, lam=0.08)  # the shift pushes block 0 past 0.99
+    assert max(s) == pytest.approx(0.99) and sum(s) / len(s) == pytest.approx(0.9, abs=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -277,17 +277,28 @@ def test_no_inputs_or_records_raise():
 
 def test_existing_output_needs_overwrite_and_is_replaced_whole(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("old")
     records = [small()]
+    report.write_report(records, out)
     with pytest.raises(SecateurError, match="exists; pass --overwrite to replace it") as info:
         report.write_report(records, out)
     assert "\n" not in str(info.value)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "old"
 
     report.write_report(records, out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["plots", "report.html", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == [".secateur-manifest.json", "plots", "report.html", "report.md"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_overwrite_never_replaces_what_secateur_did_not_write(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    with pytest.raises(SecateurError, match="not written by secateur"):
+        report.write_report([small()], out, overwrite=True)
+    report.write_report([small()], tmp_path / "mine")
+    (tmp_path / "mine" / "notes.txt").write_text("mine")  # a user's file added to a report directory
+    with pytest.raises(SecateurError, match=r"holds files secateur did not write \(notes.txt\)"):
+        report.write_report([small()], tmp_path / "mine", overwrite=True)
+    assert (out / "keep.txt").read_text() == "old" and (tmp_path / "mine" / "notes.txt").read_text() == "mine"
 
 
 def test_empty_output_dir_and_missing_parents_are_fine(tmp_path):
@@ -302,8 +313,8 @@ def test_empty_output_dir_and_missing_parents_are_fine(tmp_path):
 
 def test_failure_midway_leaves_old_report_untouched(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("old")
+    report.write_report([small()], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
@@ -312,7 +323,7 @@ def test_failure_midway_leaves_old_report_untouched(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         report.write_report([small()], out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no half-written sibling left
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
 def test_missing_matplotlib_is_a_clear_error(tmp_path, monkeypatch):

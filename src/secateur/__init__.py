@@ -54,12 +54,14 @@ def prune(model, recipe=None, data=None, *, tokenizer=None, device: str = "cpu",
     """
     from secateur.data import CalibrationData, calibration_windows
     from secateur.engine import prune_model
+    from secateur.engine.preflight import check_recipe_fits, check_sequence_length
     from secateur.engine.structured import prune_structured
     from secateur.methods import get_method
     from secateur.models import get_adapter
 
     recipe = as_recipe(recipe)
     adapter = get_adapter(model)
+    check_recipe_fits(model, recipe, adapter)
     method = get_method(recipe.method, **recipe.method_options)
     structured = getattr(method, "structured", False)
     input_ids = None
@@ -74,6 +76,7 @@ def prune(model, recipe=None, data=None, *, tokenizer=None, device: str = "cpu",
         input_ids = data.input_ids if isinstance(data, CalibrationData) else torch.as_tensor(data)
         if input_ids.ndim != 2:
             raise SecateurError(f"calibration input_ids must be (nsamples, seqlen), got shape {tuple(input_ids.shape)}")
+        check_sequence_length(model, input_ids.shape[1], "calibration --seqlen", adapter)
     run = prune_structured if structured else prune_model
     report = run(model, adapter, method, recipe, input_ids, device=device, progress=progress)
     return model, report

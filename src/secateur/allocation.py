@@ -19,6 +19,7 @@ from secateur.stats import LinearStats
 
 # Statistics the first pass must gather for `block_outlier_ratio` (those of Wanda's score).
 OWL_NEEDS = frozenset({"sumsq"})
+OWL_MAX_SPARSITY = 0.99  # no block is emptied: its output would be its bias alone
 
 
 def block_outlier_ratio(layers: Sequence[tuple[torch.Tensor, LinearStats]], threshold: float = 5.0) -> float:
@@ -50,8 +51,10 @@ def owl_sparsities(ratios: Sequence[float], target: float, lam: float = 0.08) ->
     then all are shifted so their mean is exactly `target`. The shift moves the range unless the
     ratios are symmetric around their midrange, so values lie within target ± 2·lam·(1 − 1/L)
     (L = number of blocks), not always within target ± lam. Equal ratios give the uniform target.
-    The result is clipped to [0, 0.99]; clipping can move the mean only when that wider range
-    target ± 2·lam·(1 − 1/L) leaves [0, 0.99].
+    Values outside [0, 0.99] are clipped and the difference is spread over the blocks that are
+    not clipped, repeatedly, so the mean is exactly `target` in every case (the reference code
+    does not clip, and hands out sparsities above 1 there). Recipes keep target ± lam inside
+    [0, 0.99], so this only trims the shift's overhang.
     """
     values = [float(r) for r in ratios]
     if not values:
@@ -67,4 +70,16 @@ def owl_sparsities(ratios: Sequence[float], target: float, lam: float = 0.08) ->
         return [target] * len(values)
     mapped = [target + lam - 2.0 * lam * (r - low) / (high - low) for r in values]
     shift = target - sum(mapped) / len(mapped)
-    return [min(max(v + shift, 0.0), 0.99) for v in mapped]
+    return _clip_keeping_mean([v + shift for v in mapped], target)
+
+
+def _clip_keeping_mean(values: list[float], target: float) -> list[float]:
+    clipped = values
+    for _ in range(len(values)):
+        clipped = [min(max(v, 0.0), OWL_MAX_SPARSITY) for v in values]
+        excess = target * len(values) - sum(clipped)
+        free = [i for i, v in enumerate(clipped) if (v < OWL_MAX_SPARSITY if excess > 0 else v > 0.0)]
+        if abs(excess) < 1e-12 or not free:
+            break
+        values = [v + excess / len(free) if i in free else v for i, v in enumerate(clipped)]
+    return clipped

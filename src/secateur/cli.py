@@ -8,6 +8,8 @@ become underscores); a flag given on the command line overrides the same field o
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 import time
 
@@ -17,6 +19,8 @@ import yaml
 from secateur.errors import SecateurError
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -143,9 +147,9 @@ def _version() -> str:
 
 
 def _resolve_device_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
-    kind = torch.device(device).type if device else "cpu"
-    if kind not in ("cpu", "cuda"):
+    if not _DEVICE.match(device or ""):
         raise SecateurError(f"unknown device {device!r}; accepted: cpu, cuda, cuda:N")
+    kind = torch.device(device).type
     if kind == "cuda" and not torch.cuda.is_available():
         raise SecateurError("--device cuda was asked but no CUDA GPU is available; use --device cpu")
     if dtype == "auto":
@@ -154,6 +158,14 @@ def _resolve_device_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
 
 
 def _recipe_from_args(args) -> Recipe:  # noqa: F821
+    from secateur.recipe import Recipe
+
+    return Recipe.from_dict(_recipe_fields(args))
+
+
+def _recipe_fields(args) -> dict:
+    """The recipe fields of --recipe and the flags (flags win), not yet checked as one recipe:
+    a sweep fills in the method and sparsity of each grid point itself."""
     from secateur.recipe import Recipe
 
     base = Recipe.from_yaml(args.recipe).to_dict() if args.recipe else {}
@@ -172,9 +184,29 @@ def _recipe_from_args(args) -> Recipe:  # noqa: F821
             key, sep, value = item.partition("=")
             if not sep or not key:
                 raise SecateurError(f"--method-option {item!r} is not KEY=VALUE (e.g. blocksize=128)")
-            options[key.strip()] = yaml.safe_load(value)
+            try:
+                options[key.strip()] = yaml.safe_load(value)
+            except yaml.YAMLError as error:
+                raise SecateurError(f"--method-option {item!r}: the value is not valid YAML "
+                                    f"({str(error).splitlines()[0]}); give a number, a word or a quoted string") \
+                    from None
         base["method_options"] = options
-    return Recipe.from_dict(base)
+    return base
+
+
+def _inputs(args, *sources: str | None) -> dict:
+    """Every input of the command that is a path on this machine, by description: no output may
+    overlap one (secateur.outputs). Names that are not paths (aliases, hub ids, datasets) drop out."""
+    from secateur.data import resolve_data_dir
+
+    found = {"the model": getattr(args, "model", None), "the baseline model": getattr(args, "baseline", None),
+             "the recipe": getattr(args, "recipe", None)}
+    for source in sources:
+        if source:
+            found[f"the data file {source}"] = source
+    if hasattr(args, "data_dir"):
+        found["the data directory"] = resolve_data_dir(args.data_dir)
+    return found
 
 
 def _print_table(perplexity: dict) -> None:
@@ -197,23 +229,36 @@ def _eval_options(args, datasets: list[str]):
 
 def cmd_prune(args) -> int:
     from secateur import prune as prune_api
-    from secateur.data import calibration_windows
-    from secateur.export import check_destination, save_checkpoint, write_json_atomic
+    from secateur.data import calibration_windows, check_readable
+    from secateur.engine.preflight import check_recipe_fits, check_sequence_length
+    from secateur.export import check_destination, save_checkpoint
     from secateur.models import load_model
+    from secateur.outputs import check_output_file, write_json_atomic
     from secateur.pipeline import build_results, evaluate_model
 
     started = time.perf_counter()
     recipe = _recipe_from_args(args)
     device, dtype = _resolve_device_dtype(args.device, args.dtype)
-    if args.out:
-        check_destination(args.out, args.overwrite)
     options = _eval_options(args, args.eval)
-    options.check()  # unknown datasets or tasks fail before the long work starts
-    eval_seqlen = args.eval_seqlen or recipe.seqlen
+    options.check()  # unknown or unreadable datasets, unknown tasks: before the long work starts
+    if recipe.needs_calibration:
+        check_readable(recipe.calib, args.data_dir, split="calibration")
+    # Every output is checked (not an input, replaceable, writable) before the model is loaded.
+    inputs = _inputs(args, recipe.calib, *options.datasets)
+    out = check_destination(args.out, args.overwrite, inputs) if args.out else None
+    if args.json:
+        check_output_file(args.json, inputs=inputs, inside=out)
+    eval_seqlen = args.eval_seqlen if args.eval_seqlen is not None else recipe.seqlen
     measure = bool(options.datasets or options.tasks)
 
     loaded = load_model(args.model, dtype=dtype, device="cpu")
     model, tokenizer = loaded.model, loaded.tokenizer
+    check_recipe_fits(model, recipe)
+    if recipe.needs_calibration:
+        check_sequence_length(model, recipe.seqlen, "--seqlen")
+    if options.datasets:
+        check_sequence_length(model, eval_seqlen, "--eval-seqlen" if args.eval_seqlen else
+                              "--seqlen (also the evaluation window without --eval-seqlen)")
     calibration = None
     if recipe.needs_calibration:
         calibration = calibration_windows(tokenizer, recipe.calib, nsamples=recipe.nsamples, seqlen=recipe.seqlen,
@@ -228,7 +273,7 @@ def cmd_prune(args) -> int:
                             dense=dense, pruned=pruned, device=device, dtype=dtype, started=started)
     if args.out:
         save_checkpoint(model, tokenizer, args.out, recipe_yaml=recipe.to_yaml(), results=results,
-                        overwrite=args.overwrite)
+                        overwrite=args.overwrite, inputs=inputs)
     if args.json:
         write_json_atomic(args.json, results)
     _summary(results, args.out)
@@ -254,17 +299,23 @@ def _summary(results: dict, out) -> None:
 
 
 def cmd_eval(args) -> int:
+    from secateur.engine.preflight import check_sequence_length
     from secateur.eval.zeroshot import render_zero_shot
-    from secateur.export import write_json_atomic
     from secateur.models import load_model
-    from secateur.pipeline import evaluate_model, versions
+    from secateur.outputs import check_output_file, write_json_atomic
+    from secateur.pipeline import EVAL_FORMAT, evaluate_model, versions
 
     _, dtype = _resolve_device_dtype(args.device, args.dtype)  # validates --device too
     # Perplexity runs when asked, or by default when no zero-shot task is asked.
     datasets = args.datasets if args.datasets is not None else ([] if args.tasks else ["wikitext2"])
     options = _eval_options(args, datasets)
+    options.seqlen = args.seqlen
     options.check()
+    if args.json:
+        check_output_file(args.json, inputs=_inputs(args, *datasets))
     loaded = load_model(args.model, dtype=dtype, device="cpu")
+    if datasets:
+        check_sequence_length(loaded.model, args.seqlen, "--seqlen")
     result = evaluate_model(loaded.model, loaded.tokenizer, options, seqlen=args.seqlen, label="model")
     _print_table({loaded.source: result["perplexity"]})
     if result["zero_shot"]:
@@ -274,14 +325,18 @@ def cmd_eval(args) -> int:
                   for name, value in result["perplexity"].items()}
         if result["zero_shot"]:
             record["zero_shot"] = result["zero_shot"]
-        write_json_atomic(args.json, record | {"model": loaded.source, "versions": versions()})
+        write_json_atomic(args.json, {"format": EVAL_FORMAT} | record | {"model": loaded.source,
+                                                                          "versions": versions()})
     return 0
 
 
 def cmd_sweep(args) -> int:
+    from secateur.data import check_readable
+    from secateur.outputs import check_resumable_dir
+    from secateur.recipe import Recipe
     from secateur.sweep import plan_grid, run_sweep
 
-    base = _recipe_from_args(args).to_dict()  # shared fields (calibration, OWL knobs) from flags/--recipe
+    base = _recipe_fields(args)  # shared fields (calibration, OWL knobs, options of any grid method)
     try:
         sparsities = [float(value) for value in args.sparsities]
     except ValueError:
@@ -292,6 +347,13 @@ def cmd_sweep(args) -> int:
     _, dtype = _resolve_device_dtype(args.device, args.dtype)  # validates --device too
     options = _eval_options(args, args.eval)
     options.check()
+    calib = base.get("calib", Recipe.calib)
+    if any(recipe.needs_calibration for recipe in plan.recipes):
+        check_readable(calib, args.data_dir, split="calibration")
+    inputs = _inputs(args, calib, *options.datasets)
+    check_resumable_dir(args.out, inputs=inputs)
+    if args.json:
+        raise SecateurError("sweep writes one record per run to OUT/runs.jsonl; --json is for prune, eval and bench")
     outcome = run_sweep(plan, model_spec=args.model, out_dir=args.out, eval_options=options, base=base,
                         dtype=dtype, save_checkpoints=args.save_checkpoints, speed=args.speed,
                         data_dir=args.data_dir)
@@ -303,17 +365,23 @@ def cmd_sweep(args) -> int:
 def cmd_bench(args) -> int:
     from pathlib import Path
 
-    from secateur.eval.bench import benchmark, render_bench
-    from secateur.export import write_json_atomic
+    from secateur.engine.preflight import check_sequence_length
+    from secateur.eval.bench import BENCH_FORMAT, benchmark, render_bench
     from secateur.models import load_model
+    from secateur.outputs import check_output_file, write_json_atomic
 
     device, dtype = _resolve_device_dtype(args.device, args.dtype)
-    if args.prompt_tokens < 1 or args.decode_tokens < 1 or args.repeats < 1:
-        raise SecateurError("--prompt-tokens, --decode-tokens and --repeats must be positive integers")
+    if args.prompt_tokens < 1 or args.decode_tokens < 1 or args.repeats < 1 or args.warmup < 0:
+        raise SecateurError("--prompt-tokens, --decode-tokens and --repeats must be positive integers and "
+                            "--warmup >= 0")
+    if args.json:
+        check_output_file(args.json, inputs=_inputs(args))
     specs = {"model": args.model} | ({"baseline": args.baseline} if args.baseline else {})
     models, checkpoints = {}, {}
     for label, spec in specs.items():
         loaded = load_model(spec, dtype=dtype, device="cpu")
+        check_sequence_length(loaded.model, args.prompt_tokens + args.decode_tokens,
+                              "--prompt-tokens + --decode-tokens")
         models[label] = loaded.model.to(device)
         checkpoints[label] = Path(spec) if spec and Path(spec).is_dir() else None
     result = benchmark(models, checkpoint_dirs=checkpoints, prompt_tokens=args.prompt_tokens,
@@ -322,7 +390,7 @@ def cmd_bench(args) -> int:
     result["sources"] = {label: spec or "smollm2-135m" for label, spec in specs.items()}
     print(render_bench(result))
     if args.json:
-        write_json_atomic(args.json, result)
+        write_json_atomic(args.json, {"format": BENCH_FORMAT} | result)
     return 0
 
 
@@ -330,7 +398,8 @@ def cmd_report(args) -> int:
     from secateur.report import load_records, write_report
 
     records = load_records(args.results)
-    written = write_report(records, args.out, title=args.title, overwrite=args.overwrite)
+    inputs = {f"the input {path}": path for path in args.results}
+    written = write_report(records, args.out, title=args.title, overwrite=args.overwrite, inputs=inputs)
     print(f"report of {len(records)} runs: {written['markdown']} and {written['html']} "
           f"({len(written['plots'])} plots)")
     return 0
@@ -352,11 +421,28 @@ def main(argv: list[str] | None = None) -> int:
                     "report": cmd_report}
         return commands[args.command](args)
     except SecateurError as error:
-        print(f"secateur: error: {error}", file=sys.stderr)
+        print(f"secateur: error: {_one_line(str(error))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("secateur: interrupted; nothing was written", file=sys.stderr)
+        print("secateur: interrupted; partial outputs were removed (finished sweep runs are kept)", file=sys.stderr)
         return 130
+    except OSError as error:  # the machine, not the input: a full disk, a file system gone read-only
+        if os.environ.get("SECATEUR_DEBUG"):
+            raise
+        where = f": {error.filename}" if error.filename else ""
+        print(f"secateur: error: {error.strerror or _one_line(str(error))}{where} (partial outputs were removed)",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as error:  # a bug: one line for the user, the traceback on request
+        if os.environ.get("SECATEUR_DEBUG"):
+            raise
+        print(f"secateur: internal error: {type(error).__name__}: {_one_line(str(error))} (a bug; please report "
+              "it with the command; SECATEUR_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) or "(no message)"
 
 
 if __name__ == "__main__":

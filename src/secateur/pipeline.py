@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 RESULTS_FORMAT = "secateur-results/1"
+EVAL_FORMAT = "secateur-eval/1"  # `secateur eval --json`
 
 
 @dataclass
@@ -34,19 +35,21 @@ class EvalOptions:
     quiet: bool = False
 
     def check(self) -> None:
-        """Refuse unknown datasets and tasks before any long work starts."""
-        from secateur.data import check_dataset_name
+        """Refuse unknown or unreadable datasets, unknown tasks and impossible counts before any
+        long work starts."""
+        from secateur.data import check_readable
+        from secateur.errors import SecateurError
 
+        for flag, value, least in (("--eval-seqlen / --seqlen", self.seqlen, 2), ("--max-windows", self.max_windows, 1),
+                                   ("--limit", self.limit, 1), ("--batch-size", self.batch_size, 1)):
+            if value is not None and value < least:
+                raise SecateurError(f"{flag} must be an integer >= {least}, got {value}")
         for name in self.datasets:
-            check_dataset_name(name, self.data_dir)
+            check_readable(name, self.data_dir)
         if self.tasks:
             from secateur.eval.zeroshot import check_tasks
 
             check_tasks(self.tasks, self.task_source)
-        if self.limit is not None and self.limit < 1:
-            from secateur.errors import SecateurError
-
-            raise SecateurError(f"--limit must be a positive number of documents per task, got {self.limit}")
 
 
 def evaluate_model(model, tokenizer, options: EvalOptions, *, seqlen: int, label: str) -> dict:

@@ -8,6 +8,7 @@ interchangeable and the recipe saved next to a checkpoint reproduces it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +16,58 @@ from typing import Any
 
 import yaml
 
+from secateur.allocation import OWL_MAX_SPARSITY
 from secateur.errors import SecateurError
 from secateur.methods.base import SparsityTarget
 
 ALLOCATIONS = ("uniform", "owl")
 _NM = re.compile(r"^(\d+):(\d+)$")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _is_patterns(value) -> bool:
+    return isinstance(value, tuple) and all(isinstance(p, str) and p for p in value)
+
+
+def _is_options(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+
+
+# Every field's type, checked before any value is used: what the YAML or the caller gave must
+# be exactly this (YAML's "2" is a string, not a number; YAML reads an unquoted 2:4 as 124).
+SCHEMA: dict[str, tuple] = {
+    "method": (lambda v: isinstance(v, str), "a method name (string)"),
+    "sparsity": (_is_number, "a number in [0, 1)"),
+    "sparsity_type": (lambda v: isinstance(v, str), "a string: unstructured, or N:M quoted as '2:4'"),
+    "allocation": (lambda v: isinstance(v, str), "a string: uniform or owl"),
+    "owl_threshold": (_is_number, "a number > 0"),
+    "owl_lambda": (_is_number, "a number >= 0"),
+    "ignore": (_is_patterns, "a list of glob strings such as 'blocks.0.*'"),
+    "method_options": (_is_options, "a mapping of option names to values"),
+    "calib": (lambda v: isinstance(v, str) and bool(v), "a dataset name or a file path (string)"),
+    "nsamples": (_is_int, "an integer >= 1"),
+    "seqlen": (_is_int, "an integer >= 2"),
+    "seed": (_is_int, "an integer >= 0"),
+}
+
+
+def _check_schema(recipe) -> None:
+    for name, (valid, accepted) in SCHEMA.items():
+        value = getattr(recipe, name)
+        if not valid(value):
+            raise SecateurError(f"recipe field {name} = {_shown(value)} is invalid; accepted: {accepted}")
+
+
+def _shown(value) -> str:
+    text = repr(value if not isinstance(value, tuple) else list(value))
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass(frozen=True)
@@ -39,14 +87,19 @@ class Recipe:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_schema(self)
         from secateur.methods.base import get_method
 
         method = get_method(self.method, **self.method_options)  # unknown method / option → SecateurError
-        if getattr(method, "structured", False) and (self.sparsity_type != "unstructured" or self.allocation != "uniform"):
+        structured = getattr(method, "structured", False)
+        if structured and (self.sparsity_type != "unstructured" or self.allocation != "uniform"):
             raise SecateurError(
                 f"{self.method} is structured: --sparsity is the fraction of decoder-block parameters removed; "
                 "--sparsity-type and --allocation owl apply to unstructured methods only"
             )
+        if structured and self.ignore:
+            raise SecateurError(f"{self.method} is structured and removes whole units across the model; --ignore "
+                                "applies to unstructured and N:M methods only")
         if not 0.0 <= self.sparsity < 1.0:
             raise SecateurError(f"sparsity {self.sparsity} is outside [0, 1); accepted: 0 <= sparsity < 1")
         self.target()  # validates sparsity_type
@@ -54,10 +107,20 @@ class Recipe:
             raise SecateurError(f"unknown allocation {self.allocation!r}; accepted: {', '.join(ALLOCATIONS)}")
         if self.allocation == "owl" and self.sparsity_type != "unstructured":
             raise SecateurError("--allocation owl works with unstructured sparsity only (N:M fixes the ratio)")
-        if self.owl_lambda < 0 or self.owl_threshold <= 0:
+        if not (self.owl_lambda >= 0 and self.owl_threshold > 0):
             raise SecateurError("owl_lambda must be >= 0 and owl_threshold > 0")
+        if self.allocation == "owl" and not (self.sparsity - self.owl_lambda >= 0
+                                             and self.sparsity + self.owl_lambda <= OWL_MAX_SPARSITY):
+            raise SecateurError(
+                f"OWL spreads block sparsities over [s - λ, s + λ] = [{self.sparsity - self.owl_lambda:g}, "
+                f"{self.sparsity + self.owl_lambda:g}], which leaves [0, {OWL_MAX_SPARSITY}]: blocks would be "
+                f"clipped and the mean would miss {self.sparsity:g}; use --owl-lambda <= "
+                f"{max(0.0, min(self.sparsity, OWL_MAX_SPARSITY - self.sparsity)):.3g}"
+            )
         if self.nsamples < 1 or self.seqlen < 2:
             raise SecateurError(f"need nsamples >= 1 and seqlen >= 2, got {self.nsamples} and {self.seqlen}")
+        if not 0 <= self.seed < 2**63:
+            raise SecateurError(f"seed {self.seed} is outside [0, 2**63); give a non-negative integer")
 
     def target(self, sparsity: float | None = None) -> SparsityTarget:
         """The per-layer target; `sparsity` overrides the uniform one (OWL's per-block values)."""
@@ -102,10 +165,15 @@ class Recipe:
         if unknown:
             raise SecateurError(f"unknown recipe field(s) {unknown}; accepted: {', '.join(sorted(known))}")
         data = dict(data)
-        if "ignore" in data:
-            data["ignore"] = tuple(data["ignore"] or ())
-        if "sparsity_type" in data:
-            data["sparsity_type"] = str(data["sparsity_type"])
+        if isinstance(data.get("ignore"), str):
+            data["ignore"] = [data["ignore"]]  # one pattern given as a string
+        if isinstance(data.get("ignore"), list):
+            data["ignore"] = tuple(data["ignore"])
+        elif data.get("ignore", ()) is None:
+            data["ignore"] = ()
+        if _is_int(data.get("sparsity_type")):
+            raise SecateurError(f"recipe field sparsity_type = {data['sparsity_type']} is a number; YAML reads an "
+                                "unquoted N:M such as 2:4 as a base-60 number: quote it, sparsity_type: '2:4'")
         if data.get("method_options") is None:
             data.pop("method_options", None)
         return cls(**data)
@@ -114,9 +182,12 @@ class Recipe:
     def from_yaml(cls, path: str | Path) -> Recipe:
         path = Path(path)
         if not path.is_file():
-            raise SecateurError(f"recipe file {str(path)!r} does not exist; give a YAML file of recipe fields")
+            raise SecateurError(f"recipe file {str(path)!r} does not exist or is not a file; give a YAML file of "
+                                "recipe fields")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as error:
+            raise SecateurError(f"recipe {path} is not UTF-8 text (byte {error.start}); give a YAML file") from None
         except yaml.YAMLError as error:
             raise SecateurError(f"recipe {path} is not valid YAML: {str(error).splitlines()[0]}") from None
         if not isinstance(data, dict):

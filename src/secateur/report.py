@@ -14,14 +14,12 @@ import html
 import json
 import math
 import re
-import secrets
-import shutil
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from secateur.errors import SecateurError
-from secateur.export import check_destination
+from secateur.outputs import StagedDirectory, check_output_dir
 
 FORMAT = "secateur-results/1"
 ACCEPTED = "accepted: a sweep directory, a runs.jsonl file, or a results.json written by secateur"
@@ -605,8 +603,11 @@ def _html(records: list[dict], title: str, plots: list[tuple[str, str]], plot_di
 
 
 def write_report(records: list[dict], out_dir: str | Path, *, title: str = "secateur report",
-                 overwrite: bool = False) -> dict:
+                 overwrite: bool = False, inputs: dict | None = None) -> dict:
     """Write report.md, report.html and plots/*.png into out_dir, atomically.
+
+    `inputs` ({description: path}) are the files the records came from: out_dir may not overlap
+    any of them (secateur.outputs).
 
     Returns {"markdown": Path, "html": Path, "plots": [Path, ...]} at their final locations.
     """
@@ -616,47 +617,13 @@ def write_report(records: list[dict], out_dir: str | Path, *, title: str = "seca
     if not all(isinstance(r, dict) for r in records):
         raise _error("write_report needs records as dicts (as returned by load_records)")
     _figure_class()  # fail on a missing matplotlib before touching the disk
-    out = Path(out_dir)
-    if not (out.is_dir() and not any(out.iterdir())):  # an empty directory is free to use
-        check_destination(out, overwrite)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = _new_sibling(out, "")
-        staging.mkdir()  # not mkdtemp: its 0700 mode would become the report's
-    except OSError as exc:
-        raise _error(f"cannot create the report directory {str(out)!r}: {exc.strerror or exc}") from None
-    try:
+    out = check_output_dir(out_dir, overwrite=overwrite, inputs=inputs)
+    with StagedDirectory(out, kind="report") as staging:
         plots = _draw_plots(records, staging / "plots")
         (staging / "report.md").write_text(_markdown(records, title, plots), encoding="utf-8")
         (staging / "report.html").write_text(_html(records, title, plots, staging / "plots"), encoding="utf-8")
-        _move_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return {
         "markdown": out / "report.md",
         "html": out / "report.html",
         "plots": [out / "plots" / name for name, _ in plots],
     }
-
-
-def _new_sibling(out: Path, tag: str) -> Path:
-    while True:
-        candidate = out.parent / f".tmp-{out.name}-{tag}{secrets.token_hex(6)}"
-        if not candidate.exists():
-            return candidate
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    if not out.exists():
-        staging.rename(out)
-        return
-    # Move the old directory aside first so a failed swap can put it back.
-    retired = _new_sibling(out, "old-")
-    out.rename(retired)
-    try:
-        staging.rename(out)
-    except BaseException:
-        retired.rename(out)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)

@@ -30,12 +30,14 @@ from secateur.recipe import Recipe
 
 SWEEP_FORMAT = "secateur-sweep/1"
 RUNS_FILE = "runs.jsonl"
+GRID_AXES = ("method", "sparsity", "sparsity_type", "allocation")  # what varies between a sweep's runs
 
 
 @dataclass(frozen=True)
 class GridPlan:
     recipes: list[Recipe]
     notes: list[str]
+    method_options: dict  # every option given; each recipe holds those its method accepts
 
 
 def run_id(recipe: Recipe) -> str:
@@ -47,8 +49,13 @@ def run_id(recipe: Recipe) -> str:
 
 def plan_grid(methods: list[str], sparsities: list[float], sparsity_types: list[str], allocations: list[str],
               base: dict) -> GridPlan:
-    """Every recipe of the grid, validated; raises on the first invalid entry."""
-    from secateur.methods import get_method
+    """Every recipe of the grid, validated; raises on the first invalid entry.
+
+    `base["method_options"]` may mix options of several methods (blocksize for sparsegpt,
+    scope for magnitude): each method receives only the options it accepts, an option that
+    no method of the grid accepts is refused, and each record lists the options it did not get.
+    """
+    from secateur.methods import get_method, method_option_names
 
     if not methods:
         raise SecateurError("--methods is empty; give a comma list such as wanda,sparsegpt")
@@ -56,21 +63,37 @@ def plan_grid(methods: list[str], sparsities: list[float], sparsity_types: list[
                           ("--allocation", allocations)):
         if not values:
             raise SecateurError(f"{label} is empty")
-    structured = {}
+    options = dict(base.get("method_options") or {})
+    accepted: dict[str, set[str]] = {}
     for method in methods:
         try:
-            structured[method] = getattr(get_method(method, **base.get("method_options", {})), "structured", False)
+            accepted[method] = method_option_names(method)
         except SecateurError as error:
             raise SecateurError(f"sweep grid entry --methods {method}: {error}") from None
-    for sparsity in sparsities:  # checked once, with a method that takes any ratio
-        _recipe({**base, "method": "magnitude", "sparsity": sparsity}, f"--sparsities {sparsity}")
-    for kind in sparsity_types:
-        _recipe({**base, "method": "magnitude", "sparsity_type": kind}, f"--sparsity-type {kind}")
-    for allocation in allocations:
-        _recipe({**base, "method": "magnitude", "allocation": allocation}, f"--allocation {allocation}")
-
-    recipes, notes, seen = [], [], set()
+    unused = sorted(set(options) - set().union(*accepted.values()))
+    if unused:
+        raise SecateurError(f"method option(s) {unused} are accepted by none of the grid's methods "
+                            f"({', '.join(methods)})")
+    structured, notes = {}, []
     for method in methods:
+        mine = {k: v for k, v in options.items() if k in accepted[method]}
+        try:
+            structured[method] = getattr(get_method(method, **mine), "structured", False)
+        except SecateurError as error:
+            raise SecateurError(f"sweep grid entry --methods {method}: {error}") from None
+        if set(options) - set(mine):
+            notes.append(f"{method} does not take option(s) {', '.join(sorted(set(options) - set(mine)))}")
+    plain = {**base, "method_options": {}}
+    for sparsity in sparsities:  # checked once, with a method that takes any ratio
+        _recipe({**plain, "method": "magnitude", "sparsity": sparsity}, f"--sparsities {sparsity}")
+    for kind in sparsity_types:
+        _recipe({**plain, "method": "magnitude", "sparsity_type": kind}, f"--sparsity-type {kind}")
+    for allocation in allocations:
+        _recipe({**plain, "method": "magnitude", "allocation": allocation}, f"--allocation {allocation}")
+
+    recipes, seen = [], set()
+    for method in methods:
+        mine = {k: v for k, v in options.items() if k in accepted[method]}
         for kind in sparsity_types:
             for allocation in allocations:
                 if structured[method] and (kind != "unstructured" or allocation != "uniform"):
@@ -81,14 +104,14 @@ def plan_grid(methods: list[str], sparsities: list[float], sparsity_types: list[
                     continue
                 for sparsity in sparsities if kind == "unstructured" else [0.0]:
                     fields = {**base, "method": method, "sparsity_type": kind, "allocation": allocation,
-                              "sparsity": sparsity}
+                              "sparsity": sparsity, "method_options": mine}
                     recipe = _recipe(fields, f"{method} {kind} {allocation} {sparsity}")
                     if run_id(recipe) not in seen:
                         seen.add(run_id(recipe))
                         recipes.append(recipe)
     if not recipes:
         raise SecateurError("the sweep grid is empty after skipping incompatible combinations: " + "; ".join(notes))
-    return GridPlan(recipes, notes)
+    return GridPlan(recipes, notes, options)
 
 
 def _recipe(fields: dict, entry: str) -> Recipe:
@@ -99,32 +122,61 @@ def _recipe(fields: dict, entry: str) -> Recipe:
 
 
 class RunLog:
-    """DIR/runs.jsonl: read finished ids, append records durably."""
+    """DIR/runs.jsonl: read finished ids, append records durably.
+
+    Only a final line cut short (a kill mid-write: invalid JSON, no newline after it) is
+    dropped, since that run is simply redone. Any other line that is not a secateur run record
+    stops the sweep with its line number: secateur never deletes lines it did not write.
+    """
 
     def __init__(self, out_dir: Path):
         self.path = out_dir / RUNS_FILE
 
-    def records(self) -> list[dict]:
+    def _read(self) -> tuple[list[dict], bool]:
+        """(records, whether the file ends in a line cut short)."""
         if not self.path.exists():
-            return []
-        return [record for record in map(_parse_line, self.path.read_text(encoding="utf-8").splitlines()) if record]
+            return [], False
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise SecateurError(f"{self.path} is not UTF-8 text (byte {error.start}); it was not written by "
+                                "secateur as it is: give another --out") from None
+        lines = text.split("\n")
+        records, cut = [], False
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            last = number == len(lines)  # no newline after it
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if last:
+                    cut = True
+                    continue
+                record = None
+            if not (isinstance(record, dict) and isinstance(record.get("run"), dict)
+                    and isinstance(record["run"].get("id"), str)):
+                raise SecateurError(f"{self.path} line {number} is not a secateur run record; fix or remove that "
+                                    "line yourself (secateur does not delete what it did not write), or give "
+                                    "another --out")
+            records.append(record)
+        return records, cut
+
+    def records(self) -> list[dict]:
+        return self._read()[0]
 
     def drop_cut_lines(self) -> int:
-        """A kill mid-write leaves a line cut short; drop it (that run is simply redone) so the
-        file stays valid JSON lines. Returns how many lines were dropped."""
-        if not self.path.exists():
-            return 0
-        text = self.path.read_text(encoding="utf-8")
-        kept = [line for line in text.splitlines() if _parse_line(line)]
-        dropped = len([line for line in text.splitlines() if line.strip()]) - len(kept)
-        if dropped or (text and not text.endswith("\n")):
+        """Drop a final line cut short by a kill; returns how many lines were dropped (0 or 1)."""
+        _, cut = self._read()
+        text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+        if cut or (text and not text.endswith("\n")):  # the next append must start a line of its own
             staging = self.path.with_name(f".{self.path.name}.tmp")
-            staging.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            staging.write_text(text[:text.rfind("\n") + 1] if cut else text + "\n", encoding="utf-8")
             os.replace(staging, self.path)
-        return dropped
+        return int(cut)
 
     def finished(self) -> set[str]:
-        return {r["run"]["id"] for r in self.records() if r.get("run", {}).get("status") == "done"}
+        return {r["run"]["id"] for r in self.records() if r["run"].get("status") == "done"}
 
     def append(self, record: dict) -> None:
         with self.path.open("a", encoding="utf-8") as handle:
@@ -133,25 +185,27 @@ class RunLog:
             os.fsync(handle.fileno())
 
 
-def _parse_line(line: str) -> dict | None:
+def _read_json_mapping(path: Path, what: str) -> dict:
     try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return record if isinstance(record, dict) and "run" in record else None
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SecateurError(f"{path} ({what}) is not valid JSON ({type(error).__name__}); secateur does not "
+                            "touch it: give another --out") from None
+    if not isinstance(value, dict):
+        raise SecateurError(f"{path} ({what}) is not a JSON mapping; give another --out")
+    return value
 
 
 def check_settings(out_dir: Path, settings: dict) -> None:
-    """A directory holds one sweep: refuse to mix runs made under other shared settings."""
+    """A directory holds one sweep: refuse to mix runs made under other settings, naming each
+    setting that differs (every field that changes a result is a setting)."""
     path = out_dir / "sweep.json"
     if path.exists():
-        try:
-            previous = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise SecateurError(f"{path} is not valid JSON; give another --out or remove it") from None
+        previous = _read_json_mapping(path, "the sweep's settings")
         if previous.get("format") != SWEEP_FORMAT:
             raise SecateurError(f"{path} is not a secateur sweep file; give another --out")
-        differ = sorted(key for key in settings if previous.get("settings", {}).get(key) != settings[key])
+        before = previous.get("settings") if isinstance(previous.get("settings"), dict) else {}
+        differ = sorted(_differences(before, settings))
         if differ:
             raise SecateurError(f"{out_dir} holds a sweep with other settings (differs in: {', '.join(differ)}); "
                                 "give another --out or the same settings to resume it")
@@ -159,8 +213,28 @@ def check_settings(out_dir: Path, settings: dict) -> None:
         raise SecateurError(f"{out_dir} exists and is not a sweep directory; give a new or empty --out")
 
 
+def _differences(before: dict, now: dict, prefix: str = "") -> list[str]:
+    names = []
+    for key in sorted(set(before) | set(now)):
+        old, new = before.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            names += _differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            names.append(f"{prefix}{key}")
+    return names
+
+
+def shared_recipe_fields(base: dict, method_options: dict) -> dict:
+    """Every recipe field that is not a grid axis, defaults filled in: all of them change results."""
+    defaults = Recipe.__dataclass_fields__
+    fields = {name: base.get(name, spec.default) for name, spec in defaults.items() if name not in GRID_AXES
+              and name != "method_options"}
+    fields["ignore"] = list(fields["ignore"] or ())
+    return fields | {"method_options": dict(method_options)}
+
+
 def _write_json(path: Path, data: dict) -> None:
-    from secateur.export import write_json_atomic
+    from secateur.outputs import write_json_atomic
 
     write_json_atomic(path, data)
 
@@ -182,8 +256,8 @@ def run_sweep(plan: GridPlan, *, model_spec, out_dir, eval_options, base: dict, 
 
     out_dir = Path(out_dir)
     model_label = model_spec or "smollm2-135m"
-    settings = {"model": model_label, "dtype": str(dtype).removeprefix("torch."),
-                "calibration": {k: base.get(k) for k in ("calib", "nsamples", "seqlen", "seed")},
+    settings = {"model": model_label, "dtype": str(dtype).removeprefix("torch."), "device": eval_options.device,
+                "recipe": shared_recipe_fields(base, plan.method_options),
                 "eval": {"datasets": eval_options.datasets, "seqlen": eval_options.seqlen,
                          "max_windows": eval_options.max_windows, "tasks": eval_options.tasks,
                          "limit": eval_options.limit, "task_source": eval_options.task_source},
@@ -200,16 +274,17 @@ def run_sweep(plan: GridPlan, *, model_spec, out_dir, eval_options, base: dict, 
           f"-> {out_dir / RUNS_FILE}", file=sys.stderr)
     if not todo:
         return {"done": 0, "skipped": len(plan.recipes), "failed": []}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(out_dir / "sweep.json", {"format": SWEEP_FORMAT, "settings": settings,
-                                         "grid": [run_id(r) for r in plan.recipes]})
 
     loaded = load_model(model_spec, dtype=dtype, device="cpu")
     dense_model, tokenizer = loaded.model, loaded.tokenizer
     first = plan.recipes[0]  # every grid point shares the calibration fields of `base`
     eval_seqlen = eval_options.seqlen or first.seqlen
+    _check_fits(dense_model, todo, eval_seqlen if eval_options.datasets else None)
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a model that fails to load leaves nothing
+    _write_json(out_dir / "sweep.json", {"format": SWEEP_FORMAT, "settings": settings,
+                                         "grid": [run_id(r) for r in plan.recipes]})
     dense_path = out_dir / "dense.json"
-    dense = json.loads(dense_path.read_text()) if dense_path.exists() else None
+    dense = _read_json_mapping(dense_path, "the dense model's numbers") if dense_path.exists() else None
     if dense is None and (eval_options.datasets or eval_options.tasks):
         dense = evaluate_model(dense_model, tokenizer, eval_options, seqlen=eval_seqlen, label="dense")
         _write_json(dense_path, dense)
@@ -238,20 +313,36 @@ def run_sweep(plan: GridPlan, *, model_spec, out_dir, eval_options, base: dict, 
                 record["checkpoint"] = str(out_dir / "checkpoints" / name)
                 save_checkpoint(model, tokenizer, out_dir / "checkpoints" / name, recipe_yaml=recipe.to_yaml(),
                                 results=record, overwrite=True)
-            record["run"] = {"id": name, "status": "done"}
+            record["run"] = {"id": name, "status": "done"} | _options_note(plan, recipe)
             del model
         except SecateurError as error:  # e.g. a ratio the method cannot reach: record it, go on
             failed.append(name)
             record = {"format": RESULTS_FORMAT, "model": loaded.source, "method": recipe.method,
                       "sparsity_type": recipe.sparsity_type, "sparsity_target": recipe.nominal_sparsity,
                       "allocation": recipe.allocation, "recipe": recipe.to_dict(), "error": str(error),
-                      "run": {"id": name, "status": "failed"}}
+                      "run": {"id": name, "status": "failed"} | _options_note(plan, recipe)}
         log.append(record)
         durations.append(time.perf_counter() - started)
         remaining = sum(durations) / len(durations) * (len(todo) - index)
         print(f"[{index}/{len(todo)}] {name}: {_one_line(record)} in {durations[-1]:.0f} s; "
               f"ETA {_eta(remaining)}", file=sys.stderr)
     return {"done": len(todo) - len(failed), "skipped": len(plan.recipes) - len(todo), "failed": failed}
+
+
+def _check_fits(model, recipes: list[Recipe], eval_seqlen: int | None) -> None:
+    from secateur.engine.preflight import check_recipe_fits, check_sequence_length
+
+    for recipe in recipes:
+        check_recipe_fits(model, recipe)
+    if any(recipe.needs_calibration for recipe in recipes):
+        check_sequence_length(model, recipes[0].seqlen, "--seqlen")
+    if eval_seqlen is not None:
+        check_sequence_length(model, eval_seqlen, "--eval-seqlen")
+
+
+def _options_note(plan: GridPlan, recipe: Recipe) -> dict:
+    skipped = sorted(set(plan.method_options) - set(recipe.method_options))
+    return {"method_options_not_applied": skipped} if skipped else {}
 
 
 def _speed(dense_model, model, repeats: int) -> dict:

@@ -6,6 +6,7 @@ from secateur.data.sources import (
     NAMED_DATASETS,
     Documents,
     check_dataset_name,
+    check_readable,
     load_documents,
     resolve_data_dir,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "Documents",
     "calibration_windows",
     "check_dataset_name",
+    "check_readable",
     "load_documents",
     "resolve_data_dir",
     "special_tokens_added",

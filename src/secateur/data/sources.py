@@ -26,6 +26,7 @@ import importlib.util
 import json
 import os
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,8 +83,38 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
 
 
 def load_documents(source: str, *, split: str, data_dir: str | Path | None = None) -> Documents:
-    """Documents of `source` (a named dataset or a file path) for one split."""
+    """Documents of `source` (a named dataset or a file path) for one split.
+
+    A file that cannot be read as what its name says (bytes that are not UTF-8, a cut or
+    corrupt .gz or .parquet) is one SecateurError naming the file, never a traceback."""
     location = _locate(source, split, data_dir)
+    try:
+        return _load_documents(source, split, location)
+    except SecateurError:
+        raise
+    except (UnicodeDecodeError, OSError, EOFError, zlib.error, *_arrow_errors()) as error:
+        reason = f"byte {error.start} is not UTF-8" if isinstance(error, UnicodeDecodeError) else \
+            (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise SecateurError(f"cannot read {location or source}: {reason}; accepted: UTF-8 text (.txt), JSON lines "
+                            "with a `text` field (.jsonl, .jsonl.gz) or Parquet with a `text` column") from None
+
+
+def check_readable(source: str, data_dir: str | Path | None = None, *, split: str = "evaluation") -> None:
+    """Like `check_dataset_name`, and read a local source's documents too (seconds at most), so an
+    unreadable file is found before the model is loaded. Hub sources are not fetched here."""
+    if _locate(source, split, data_dir) is not None:
+        load_documents(source, split=split, data_dir=data_dir)
+
+
+def _arrow_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from pyarrow.lib import ArrowException
+    except ImportError:
+        return ()
+    return (ArrowException,)
+
+
+def _load_documents(source: str, split: str, location: Path | None) -> Documents:
     if source not in NAMED_DATASETS:
         return _load_file(location, split)
     if source == "wiki-passages":

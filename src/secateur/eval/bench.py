@@ -27,6 +27,8 @@ from secateur.engine.memory import PeakMemory
 from secateur.errors import SecateurError
 from secateur.eval.speed import compare_latency, speedups
 
+BENCH_FORMAT = "secateur-bench/1"  # `secateur bench --json`
+
 MIB = 2**20
 PROTOCOL_NOTE = "interleaved runs, median; spread min-max"
 _HALF_DTYPES = (torch.float16, torch.bfloat16)

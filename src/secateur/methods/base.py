@@ -89,17 +89,49 @@ def register(cls: type) -> type:
     return cls
 
 
-def get_method(name: str, **options) -> Method:
-    """Instantiate a registered method; `options` are its recipe parameters (e.g. blocksize)."""
+def _method_class(name: str) -> type:
     from secateur import methods as _all  # noqa: F401  (importing the package registers every method)
 
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise SecateurError(f"unknown method {name!r}; accepted: {', '.join(sorted(METHODS))}")
-    cls = METHODS[name]
-    accepted = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
-    unknown = sorted(set(options) - set(accepted))
+    return METHODS[name]
+
+
+def method_option_names(name: str) -> set[str]:
+    """The recipe parameters (`--method-option KEY=VALUE`) that method `name` accepts."""
+    cls = _method_class(name)
+    return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+
+
+def _check_option_type(method: str, field: dataclasses.Field, value) -> None:
+    """An option must have the type of its default (an int is fine where a float is expected)."""
+    default = field.default
+    if default is dataclasses.MISSING or default is None:
+        return
+    kind = type(default)
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise SecateurError(f"option {field.name}={value!r} of method {method!r} must be a {kind.__name__} "
+                            f"(default {default!r})")
+
+
+def get_method(name: str, **options) -> Method:
+    """Instantiate a registered method; `options` are its recipe parameters (e.g. blocksize)."""
+    cls = _method_class(name)
+    fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    unknown = sorted(set(options) - set(fields))
     if unknown:
         raise SecateurError(
-            f"unknown option(s) {unknown} for method {name!r}; accepted: {', '.join(accepted) or 'none'}"
+            f"unknown option(s) {unknown} for method {name!r}; accepted: {', '.join(sorted(fields)) or 'none'}"
         )
-    return cls(**options)
+    for key, value in options.items():
+        _check_option_type(name, fields[key], value)
+    try:
+        return cls(**options)
+    except (TypeError, ValueError) as error:  # a method's own range check
+        raise SecateurError(f"method {name!r}: {error}") from None

@@ -354,6 +354,9 @@ class OPTAdapter(_LayoutAdapter):
     attention_name = "self_attn"
     head_consumer_name = "self_attn.out_proj"
 
+    def max_positions(self) -> int:
+        return self.config.max_position_embeddings  # learned table (+2 offset rows it never exposes)
+
     # Multi-head: one group is one head. The forward views with `self.num_heads`.
     def _group_rows(self, block: nn.Module, num_groups: int) -> dict[str, list[torch.Tensor]]:
         d = block.self_attn.head_dim
@@ -386,6 +389,9 @@ class GPT2Adapter(_LayoutAdapter):
     ffn_consumer_name = "mlp.c_proj"
     attention_name = "attn"
     head_consumer_name = "attn.c_proj"
+
+    def max_positions(self) -> int:
+        return self.config.n_positions  # learned table `wpe`
 
     # c_attn = [q | k | v], each `split_size` wide; the forward splits by `split_size`
     # and views with -1 heads, so both attributes follow the weights.

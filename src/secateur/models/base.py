@@ -166,6 +166,11 @@ class Adapter:
     def geometry(self) -> Geometry:
         raise NotImplementedError
 
+    def max_positions(self) -> int | None:
+        """The longest sequence the model can take, for families with a learned table of absolute
+        positions (a longer input is an index error); None where positions are computed (rotary)."""
+        return None
+
     # --- biases -----------------------------------------------------------------
     def ensure_bias(self, block: nn.Module, name: str) -> bool:
         """Make sure linear `name` of `block` has a bias that a saved checkpoint keeps

@@ -126,8 +126,12 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
             raise SecateurError(f"cannot read GGUF {path}: {_first_line(error)}") from None
         _refuse_unsupported(config)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model, torch_dtype=dtype)
-    result = model.load_state_dict(tensors["tensors"], strict=False)
+        try:
+            tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model, torch_dtype=dtype)
+            result = model.load_state_dict(tensors["tensors"], strict=False)
+        except _unreadable_weights() as error:
+            raise SecateurError(f"cannot read the tensors of GGUF {path}: {_first_line(error)} (a truncated or "
+                                "corrupt file?)") from None
     # A tied lm_head is absent from the file and shares the embedding tensor just loaded.
     missing = set(result.missing_keys) - _tied_parameter_names(model)
     if missing:
@@ -188,11 +192,23 @@ def _load_checkpoint_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
         raise SecateurError(f"{path} has no usable tokenizer: {_first_line(error)}") from None
     from secateur.structured.checkpoint import is_recorded, load_structured_checkpoint
 
-    if is_recorded(config):  # structurally pruned, blocks of different shapes: no remote code needed
-        model = load_structured_checkpoint(path, config, dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    try:
+        if is_recorded(config):  # structurally pruned, blocks of different shapes: no remote code needed
+            model = load_structured_checkpoint(path, config, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except _unreadable_weights() as error:
+        raise SecateurError(f"cannot load the weights in {path}: {_first_line(error)} (a missing, truncated or "
+                            "corrupt weights file); accepted: a checkpoint directory with its *.safetensors "
+                            "files complete") from None
     return LoadedModel(model, tokenizer, str(path))
+
+
+def _unreadable_weights() -> tuple[type[BaseException], ...]:
+    """What reading damaged or missing weight files raises (safetensors has its own error type)."""
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, RuntimeError, KeyError, EOFError, SafetensorError)
 
 
 def _load_from_hub(hub_id: str, dtype: torch.dtype) -> LoadedModel:
