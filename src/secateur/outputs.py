@@ -120,6 +120,7 @@ def check_output_dir(out: str | Path, *, overwrite: bool, inputs: dict | None = 
     """Everything about an output directory that can be known before the work starts."""
     shown = str(out)
     target = check_not_input(out, inputs or {}, flag)
+    recover(target)  # an earlier killed run's leftovers first: they decide what is at `out`
     if target.exists() or Path(out).is_symlink():
         if not target.is_dir():
             raise SecateurError(f"{flag} {shown!r} exists and is not a directory; give a directory path")

@@ -255,24 +255,26 @@ def run_sweep(plan: GridPlan, *, model_spec, out_dir, eval_options, base: dict, 
     from secateur.pipeline import RESULTS_FORMAT, build_results, evaluate_model
 
     out_dir = Path(out_dir)
-    model_label = model_spec or "smollm2-135m"
-    settings = {"model": model_label, "dtype": str(dtype).removeprefix("torch."), "device": eval_options.device,
-                "recipe": shared_recipe_fields(base, plan.method_options),
-                "eval": {"datasets": eval_options.datasets, "seqlen": eval_options.seqlen,
-                         "max_windows": eval_options.max_windows, "tasks": eval_options.tasks,
-                         "limit": eval_options.limit, "task_source": eval_options.task_source},
+    settings = {"model": _as_recorded(model_spec or "smollm2-135m"), "dtype": str(dtype).removeprefix("torch."),
+                "device": eval_options.device,
+                "recipe": shared_recipe_fields(base, plan.method_options) | {"calib": _as_recorded(plan.recipes[0].calib)},
+                "eval": {"datasets": [_as_recorded(name) for name in eval_options.datasets],
+                         "seqlen": eval_options.seqlen, "max_windows": eval_options.max_windows,
+                         "tasks": eval_options.tasks, "limit": eval_options.limit,
+                         "task_source": eval_options.task_source},
                 "speed": speed}
+    # Everything is read and checked before anything is written or printed: a refused sweep
+    # leaves its directory as it was and says one line.
     check_settings(out_dir, settings)
     log = RunLog(out_dir)
-    if log.drop_cut_lines():
-        print(f"note: dropped a cut-short line from {log.path} (an interrupted run); it runs again", file=sys.stderr)
     finished = log.finished()
+    dense_path = out_dir / "dense.json"
+    dense = _read_json_mapping(dense_path, "the dense model's numbers") if dense_path.exists() else None
     todo = [recipe for recipe in plan.recipes if run_id(recipe) not in finished]
-    for note in plan.notes:
-        print(f"note: {note}", file=sys.stderr)
-    print(f"sweep: {len(plan.recipes)} runs, {len(plan.recipes) - len(todo)} already done, {len(todo)} to go "
-          f"-> {out_dir / RUNS_FILE}", file=sys.stderr)
+    summary = (f"sweep: {len(plan.recipes)} runs, {len(plan.recipes) - len(todo)} already done, {len(todo)} to go "
+               f"-> {out_dir / RUNS_FILE}")
     if not todo:
+        print(summary, file=sys.stderr)
         return {"done": 0, "skipped": len(plan.recipes), "failed": []}
 
     loaded = load_model(model_spec, dtype=dtype, device="cpu")
@@ -280,11 +282,14 @@ def run_sweep(plan: GridPlan, *, model_spec, out_dir, eval_options, base: dict, 
     first = plan.recipes[0]  # every grid point shares the calibration fields of `base`
     eval_seqlen = eval_options.seqlen or first.seqlen
     _check_fits(dense_model, todo, eval_seqlen if eval_options.datasets else None)
+    for note in plan.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(summary, file=sys.stderr)
     out_dir.mkdir(parents=True, exist_ok=True)  # only now: a model that fails to load leaves nothing
+    if log.drop_cut_lines():
+        print(f"note: dropped a cut-short line from {log.path} (an interrupted run); it runs again", file=sys.stderr)
     _write_json(out_dir / "sweep.json", {"format": SWEEP_FORMAT, "settings": settings,
                                          "grid": [run_id(r) for r in plan.recipes]})
-    dense_path = out_dir / "dense.json"
-    dense = _read_json_mapping(dense_path, "the dense model's numbers") if dense_path.exists() else None
     if dense is None and (eval_options.datasets or eval_options.tasks):
         dense = evaluate_model(dense_model, tokenizer, eval_options, seqlen=eval_seqlen, label="dense")
         _write_json(dense_path, dense)
@@ -327,6 +332,13 @@ def run_sweep(plan: GridPlan, *, model_spec, out_dir, eval_options, base: dict, 
         print(f"[{index}/{len(todo)}] {name}: {_one_line(record)} in {durations[-1]:.0f} s; "
               f"ETA {_eta(remaining)}", file=sys.stderr)
     return {"done": len(todo) - len(failed), "skipped": len(plan.recipes) - len(todo), "failed": failed}
+
+
+def _as_recorded(spec: str) -> str:
+    """A path as an absolute path (the same model or file from another directory is the same
+    setting); names (aliases, hub ids, datasets) as they are."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
 
 
 def _check_fits(model, recipes: list[Recipe], eval_seqlen: int | None) -> None:

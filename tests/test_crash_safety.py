@@ -1,0 +1,164 @@
+"""A prune killed (SIGKILL) while saving, then run again, leaves exactly one complete --out and
+no leftovers; outputs on a read-only file system are refused before the model is loaded; random
+recipes either load or are refused in one line (property-based)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import SAMPLE_TEXT
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tiny_models import save_tiny
+
+from secateur.cli import main
+from secateur.errors import SecateurError
+from secateur.outputs import MANIFEST
+from secateur.recipe import Recipe
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("inputs")
+    save_tiny("llama", root / "model")
+    (root / "calib.txt").write_text(SAMPLE_TEXT * 40)
+    return root
+
+
+def _prune_command(inputs: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "secateur.cli", "prune", "--model", str(inputs / "model"), "--calib",
+            str(inputs / "calib.txt"), "--nsamples", "4", "--seqlen", "32", "--quiet", "--out", str(out), *extra]
+
+
+def _kill_at(stage: str, command: list[str], tmp_path: Path, **env: str) -> None:
+    """Run `command` until it reaches save stage `stage`, then SIGKILL it."""
+    signal_file = tmp_path / f"reached-{stage}"
+    environment = os.environ | {"SECATEUR_TEST_STALL": f"{stage}:{signal_file}"} | env
+    proc = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not signal_file.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before reaching {stage}: {proc.stderr.read().decode()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the run did not reach {stage} in 120 s")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+
+
+def _complete(out: Path) -> dict:
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["complete"]
+    for name in manifest["files"]:
+        assert (out / name).is_file(), name
+    return json.loads((out / "results.json").read_text())
+
+
+def test_kill_after_staging_then_rerun_leaves_one_complete_output(inputs, tmp_path):
+    parent = tmp_path / "runs"
+    out = parent / "pruned"
+    command = _prune_command(inputs, out, "--method", "magnitude")
+    _kill_at("staged", command, tmp_path)
+    assert not out.exists()
+    assert [p.name for p in parent.iterdir()][0].startswith(".pruned.secateur-staging-")  # the killed run's
+
+    rerun = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "removed .pruned.secateur-staging-" in rerun.stderr  # it says what it cleaned
+    assert [p.name for p in parent.iterdir()] == ["pruned"]
+    assert _complete(out)["method"] == "magnitude"
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
+def test_kill_while_replacing_keeps_old_or_new_and_rerun_repairs(inputs, tmp_path, exchange):
+    parent = tmp_path / "runs"
+    out = parent / "pruned"
+    env = {} if exchange else {"SECATEUR_NO_EXCHANGE": "1"}
+    first = subprocess.run(_prune_command(inputs, out, "--method", "magnitude", "--sparsity", "0.3"),
+                           capture_output=True, text=True, check=False, env=os.environ | env)
+    assert first.returncode == 0, first.stderr
+    old_results = (out / "results.json").read_text()
+
+    replace = _prune_command(inputs, out, "--method", "wanda", "--overwrite")
+    # Killed with the new copy complete but before the swap: the old one is still at --out.
+    _kill_at("staged", replace, tmp_path, **env)
+    assert (out / "results.json").read_text() == old_results
+    if not exchange:
+        # Killed between the two renames: --out is missing for that instant; the old copy is
+        # complete under its hidden name, and the next run puts it back before anything else.
+        _kill_at("swapping", replace, tmp_path, **env)
+        assert not out.exists()
+        hidden = [p for p in parent.iterdir() if ".secateur-old-" in p.name]
+        assert len(hidden) == 1 and (hidden[0] / "results.json").read_text() == old_results
+        again = subprocess.run(_prune_command(inputs, out, "--method", "wanda"), capture_output=True,
+                               text=True, check=False, env=os.environ | env)
+        assert again.returncode == 2 and "--overwrite" in again.stderr  # the old copy is back, so it exists
+        assert "restored" in again.stderr and (out / "results.json").read_text() == old_results
+
+    rerun = subprocess.run(replace, capture_output=True, text=True, check=False, env=os.environ | env)
+    assert rerun.returncode == 0, rerun.stderr
+    assert [p.name for p in parent.iterdir()] == ["pruned"]
+    assert _complete(out)["method"] == "wanda"
+
+
+def test_output_on_a_read_only_file_system_is_refused_up_front(inputs, tmp_path):
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+        pytest.skip("needs `unshare -m` (a private mount namespace) to mount a read-only file system")
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    for flag, path in (("--out", mount / "pruned"), ("--json", mount / "r.json")):
+        script = (f"mount -t tmpfs -o ro tmpfs {mount} && exec " +
+                  " ".join(f"'{a}'" for a in _prune_command(inputs, tmp_path / "elsewhere", flag, str(path))))
+        proc = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, check=False)
+        if "mount:" in proc.stderr:
+            pytest.skip(f"cannot mount tmpfs here: {proc.stderr.strip()}")
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert lines[0].startswith(f"secateur: error: {flag}") and "Read-only file system" in lines[0]
+    assert not (tmp_path / "elsewhere").exists()
+
+
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 5000), st.floats(allow_nan=True),
+                    st.text(max_size=12), st.lists(st.text(max_size=5), max_size=3),
+                    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
+_FIELDS = st.sampled_from([*Recipe.__dataclass_fields__, "bogus"])
+_GOOD = {"method": st.sampled_from(["wanda", "magnitude", "sparsegpt", "putri", "snip"]),
+         "sparsity": st.floats(-0.5, 1.5), "sparsity_type": st.sampled_from(["unstructured", "2:4", "4:4", "x"]),
+         "allocation": st.sampled_from(["uniform", "owl", "random"]), "nsamples": st.integers(-2, 300),
+         "seqlen": st.integers(-2, 4096), "owl_lambda": st.floats(-0.1, 0.5)}
+
+
+@st.composite
+def recipe_dicts(draw) -> dict:
+    keys = draw(st.lists(_FIELDS, max_size=6, unique=True))
+    return {key: draw(_GOOD[key] if key in _GOOD and draw(st.booleans()) else _VALUES) for key in keys}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=recipe_dicts())
+def test_random_recipes_load_or_are_refused_in_one_line(data, tmp_path_factory, capsys):
+    try:
+        recipe = Recipe.from_dict(data)
+    except SecateurError as error:
+        assert "\n" not in str(error) and str(error)
+        # The same recipe through the CLI: exit 2, one line, nothing written.
+        root = tmp_path_factory.mktemp("recipe")
+        path = root / "recipe.yaml"
+        path.write_text(json.dumps(data))  # JSON is YAML, and keeps every value's type
+        code = main(["prune", "--model", "no-model-needed-before-the-recipe-is-checked", "--recipe", str(path),
+                     "--out", str(root / "out")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith("secateur: error:"), err
+        assert sorted(p.name for p in root.iterdir()) == ["recipe.yaml"]
+    else:  # accepted: it round-trips through its YAML form unchanged
+        assert Recipe.from_dict(recipe.to_dict()) == recipe
