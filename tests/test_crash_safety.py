@@ -162,3 +162,26 @@ def test_random_recipes_load_or_are_refused_in_one_line(data, tmp_path_factory, 
         assert sorted(p.name for p in root.iterdir()) == ["recipe.yaml"]
     else:  # accepted: it round-trips through its YAML form unchanged
         assert Recipe.from_dict(recipe.to_dict()) == recipe
+
+
+def test_recover_removes_dead_leftovers_but_not_a_live_runs_staging(tmp_path, capsys):
+    import fcntl
+
+    from secateur.outputs import recover
+
+    legacy = tmp_path / ".pruned.partial-k2j_x9ab"  # what secateur 0.1 left when killed
+    dead = tmp_path / ".pruned.secateur-staging-0123456789ab"
+    live = tmp_path / ".pruned.secateur-staging-ba9876543210"
+    unrelated = tmp_path / ".pruned-notes"
+    for path in (legacy, dead, live, unrelated):
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"x" * 100)
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a running prune holds its staging directory
+    try:
+        done = recover(tmp_path / "pruned")
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, unrelated.name])
+    assert len(done) == 2 and all("left by a killed run" in line for line in done)
+    assert capsys.readouterr().err.count("note: removed") == 2

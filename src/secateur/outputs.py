@@ -31,6 +31,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -273,8 +274,11 @@ def recover(out: Path) -> list[str]:
     if not out.parent.is_dir():
         return done
     prefix = f".{out.name}."
+    # secateur ≤ 0.1 staged as .NAME.partial-XXXXXXXX and retired as .NAME.old-XXXXXXXX (tempfile's
+    # 8 characters); those are cleaned too, never restored (they carry no manifest).
     leftovers = [p for p in out.parent.iterdir() if p.name.startswith(prefix) and p.is_dir()
-                 and p.name[len(prefix):].startswith((_STAGING, _OLD))]
+                 and (p.name[len(prefix):].startswith((_STAGING, _OLD))
+                      or re.fullmatch(r"(partial|old)-[a-z0-9_]{8}", p.name[len(prefix):]))]
     olds = [p for p in leftovers if p.name[len(prefix):].startswith(_OLD)]
     if not out.exists():
         complete = [p for p in olds if (read_manifest(p) or {}).get("complete")]
