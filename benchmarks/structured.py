@@ -1,12 +1,18 @@
-"""Benchmark: structured pruning of SmolLM2-135M — Putri (both head scores), FLAP, wanda-sp
-and block-drop at 20-50 % of the decoder blocks' parameters.
+"""Benchmark: structured pruning — Putri (default, perplexity head search, global allocation),
+FLAP, wanda-sp and block-drop at 20-50 % of the decoder blocks' parameters.
 
 Prints one markdown table (written with raw numbers as JSON under --out): WikiText-2 and C4
 perplexity, parameters, checkpoint size on disk, pruning time, and CPU latency of the pruned
 model against the dense one (prefill of 512 tokens; decoding 64 tokens; batch 1) as ratios
 measured in the same run, interleaved with the dense model.
 
-    .venv/bin/python benchmarks/structured.py --data-dir ../shared/data
+The README's table uses protocol P0 (calibration C4 32 × 512 tokens, seed 0; perplexity on the
+first 40 windows of 512 tokens), pruning first and latency alone afterwards:
+
+    .venv/bin/python benchmarks/structured.py --data-dir ../shared/data --seqlen 512 \
+        --max-windows 40 --repeats 0 --keep-checkpoints --out benchmarks/results/structured-p0
+    .venv/bin/python benchmarks/structured.py --data-dir ../shared/data --seqlen 512 \
+        --max-windows 40 --repeats 5 --latency-pass --out benchmarks/results/structured-p0
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from secateur.models import get_adapter
 VARIANTS = {
     "putri": ("putri", {}),
     "putri-ppl": ("putri", {"head_score": "perplexity"}),
+    "putri-global": ("putri", {"allocation": "global"}),
     "flap": ("flap", {}),
     "wanda-sp": ("wanda-sp", {}),
     "block-drop": ("block-drop", {}),

@@ -95,29 +95,69 @@ def test_set_weight_roundtrips_through_the_view(arch):
     torch.testing.assert_close(view.get_weight(), new)
 
 
+def _biased(adapter) -> set[tuple[int, str]]:
+    return {(index, name) for index, block in enumerate(adapter.blocks())
+            for name, view in adapter.linears(block).items() if view.get_bias() is not None}
+
+
+def _give_biases(adapter, blocks) -> None:
+    """ensure_bias on every linear of `blocks`, then a recognisable non-zero bias (a zero bias
+    would hide a bias lost on reload)."""
+    for block in blocks:
+        for name in adapter.linears(block):
+            if adapter.ensure_bias(block, name):
+                view = adapter.linears(block)[name]
+                view.set_bias(view.get_bias() + 0.01)
+
+
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_ensure_bias_survives_save_and_reload(arch, tmp_path):
+def test_ensure_bias_gives_that_layer_alone_a_bias_that_survives_save_and_reload(arch, tmp_path):
+    from secateur.structured import is_recorded, save_structured
+
     model = build_tiny_model(arch)
     adapter = get_adapter(model)
     input_ids = _input_ids()
     before = _logits(model, input_ids)
-    last_block = adapter.blocks()[-1]
-    for name, view in adapter.linears(last_block).items():
-        possible = adapter.ensure_bias(last_block, name)
-        assert possible == (name not in NO_BIAS_POSSIBLE[arch]), name
-        if possible:
-            # Write a bias we can recognise after reloading (zero biases would hide a loss).
-            bias = adapter.linears(last_block)[name].get_bias()
-            adapter.linears(last_block)[name].set_bias(bias + 0.01)
+    biased_before = _biased(adapter)
+    last = len(adapter.blocks()) - 1
+    for name in adapter.linears(adapter.blocks()[-1]):
+        assert adapter.ensure_bias(adapter.blocks()[-1], name) == (name not in NO_BIAS_POSSIBLE[arch]), name
+    # Exactly the layers asked for gained a bias: no zero biases for the flag's other layers.
+    gained = _biased(adapter) - biased_before
+    assert gained == {(last, n) for n in adapter.linears(adapter.blocks()[-1]) if n not in NO_BIAS_POSSIBLE[arch]
+                      and (last, n) not in biased_before}
+    _give_biases(adapter, [adapter.blocks()[-1]])
     changed = _logits(model, input_ids)
-    model.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    torch.testing.assert_close(_logits(reloaded, input_ids), changed, rtol=0, atol=1e-5)
-    if NO_BIAS_POSSIBLE[arch] != set(adapter.linears(last_block)):
+    if NO_BIAS_POSSIBLE[arch] != set(adapter.linears(adapter.blocks()[-1])):
         assert not torch.allclose(before, changed)
-    reloaded_adapter = get_adapter(reloaded)
-    for name, view in reloaded_adapter.linears(reloaded_adapter.blocks()[-1]).items():
-        assert (view.get_bias() is not None) == (name not in NO_BIAS_POSSIBLE[arch]), name
+    save_structured(model, tiny_tokenizer(), tmp_path)
+    # Only the families whose flag would give other layers a bias need per-module records.
+    assert is_recorded(model.config) == bool(gained)
+    loaded = [load_model(str(tmp_path)).model]
+    if gained:
+        loaded.append(AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True))
+    else:
+        loaded.append(AutoModelForCausalLM.from_pretrained(tmp_path))
+    for reloaded in loaded:
+        reloaded.set_attn_implementation("eager")
+        torch.testing.assert_close(_logits(reloaded.eval(), input_ids), changed, rtol=0, atol=1e-5)
+        assert _biased(get_adapter(reloaded)) == _biased(adapter)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_bias_on_every_governed_layer_turns_the_flag_on_and_needs_no_records(arch, tmp_path):
+    model = build_tiny_model(arch)
+    adapter = get_adapter(model)
+    input_ids = _input_ids()
+    _give_biases(adapter, adapter.blocks())
+    assert all(adapter.bias_flag_values().values())
+    for flag in adapter.bias_flag_values():
+        assert getattr(model.config, flag) is True, flag
+    changed = _logits(model, input_ids)
+    model.save_pretrained(tmp_path)  # a plain save: the stock config alone must describe the biases
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    torch.testing.assert_close(_logits(reloaded, input_ids), changed, rtol=0, atol=1e-5)
+    assert _biased(get_adapter(reloaded)) == _biased(adapter)
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from secateur.errors import SecateurError
-from secateur.methods.wanda import wanda_scores
+from secateur.methods._scores import wanda_scores
 from secateur.stats import LinearStats
 
 # Statistics the first pass must gather for `block_outlier_ratio` (those of Wanda's score).

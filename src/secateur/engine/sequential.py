@@ -7,9 +7,10 @@ For each decoder block, in order:
   3. the pruned block is run again to produce the next block's inputs, so block l
      is calibrated on what the already pruned blocks < l produce.
 
-The engine knows no method (it asks `method.needs` and calls `method.prune`) and no
-architecture (it asks the adapter). Only the current block is moved to the compute
-device; activations stay on `storage` (the CPU by default).
+The engine knows no method (it asks `method.needs` and calls `method.prune`, passing the
+adapter's role of the layer to the methods that ask for it) and no architecture (it asks
+the adapter). Only the current block is moved to the compute device; activations stay on
+`storage` (the CPU by default).
 
 OWL needs every block's outlier ratio before the first block is pruned, so with
 `allocation: owl` a first, dense pass over all blocks gathers Wanda scores.
@@ -29,7 +30,7 @@ from secateur.allocation import OWL_NEEDS, block_outlier_ratio, owl_sparsities
 from secateur.engine.capture import BlockCall, capture_block_inputs, run_block
 from secateur.engine.memory import PeakMemory
 from secateur.errors import SecateurError
-from secateur.methods.base import Method, SparsityTarget
+from secateur.methods.base import LayerInfo, Method, SparsityTarget, prune_layer
 from secateur.models.base import Adapter, LinearView
 from secateur.recipe import Recipe
 from secateur.stats import OUTPUT_STATISTICS, LinearStats
@@ -272,7 +273,8 @@ def _prune_linear(adapter, block, name, view, method, stats, target: SparsityTar
     full_name = module_names[view.module]
     weight = view.get_weight().float()
     bias = view.get_bias()
-    result = method.prune(weight, None if bias is None else bias.float(), stats, target)
+    layer = LayerInfo(role=adapter.layer_role(name))
+    result = prune_layer(method, weight, None if bias is None else bias.float(), stats, target, layer)
     view.set_weight(result.weight)
     entry = {"name": full_name, "shape": [view.out_features, view.in_features]}
     if result.bias is not None:

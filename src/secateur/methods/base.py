@@ -6,7 +6,10 @@ A method is a small object with two duties (the split llm-compressor uses):
 
 It sees plain tensors only: `weight` is always (out_features, in_features) float32,
 whatever the architecture stores (GPT-2's Conv1D is transposed by its adapter).
-It knows no architecture, no module, no block: the engine and adapters do that.
+It knows no architecture, no module, no block: the engine and adapters do that. A method
+that treats layers differently by their role in the block (STADE's `layers=out`) sets
+`takes_layer_info = True` and receives a `LayerInfo` as keyword `layer`; the others keep the
+four-argument `prune` and never see it (`prune_layer` is the engine's one call site).
 """
 
 from __future__ import annotations
@@ -52,6 +55,13 @@ class SparsityTarget:
             )
 
 
+@dataclass(frozen=True)
+class LayerInfo:
+    """What the engine tells a method about the layer being pruned, beyond its tensors."""
+
+    role: str  # secateur.roles.ROLE_NORMED ("normed") or ROLE_OUT ("out"), from the adapter
+
+
 @dataclass
 class PruneResult:
     weight: torch.Tensor  # (out, in), same shape as given, pruned entries exactly 0
@@ -65,6 +75,20 @@ class Method(Protocol):
     def prune(
         self, weight: torch.Tensor, bias: torch.Tensor | None, stats: LinearStats, target: SparsityTarget
     ) -> PruneResult: ...
+
+
+def prune_layer(
+    method: Method,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stats: LinearStats | None,
+    target: SparsityTarget,
+    layer: LayerInfo,
+) -> PruneResult:
+    """Call `method.prune`, passing `layer` only to a method that declares `takes_layer_info`."""
+    if getattr(method, "takes_layer_info", False):
+        return method.prune(weight, bias, stats, target, layer=layer)
+    return method.prune(weight, bias, stats, target)
 
 
 class StructuredMethod:

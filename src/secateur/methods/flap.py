@@ -5,10 +5,19 @@ See docs/algorithms.md, "Structured pruning / FLAP".
 
 - Score of input channel j of a consumer (down_proj, o_proj): its fluctuation
   var(x_j) · ‖W_:,j‖² (variance of the channel over calibration tokens, times the squared
-  norm of the weight column it feeds). A head group scores the mean over its channels.
-- Scores are standardized per layer (z-score) so that layers of different scale compare,
-  then one global threshold over every layer's units (a unit counts with its parameter cost)
-  picks what to remove: blocks end up with different widths.
+  norm of the weight column it feeds). For o_proj the fluctuation is squared, as in the
+  reference implementation's WIFV metric for attention.
+- Scores are standardized per layer over its *channels* (z-score) so that layers of different
+  scale compare; only then does a head score the mean of its channels' z-scores
+  (`head_scores`). Standardizing the few head means instead (3 KV groups on SmolLM2) would
+  force Σz = 0, Σz² = n − 1 in every block, so every block's weakest head would look equally
+  weak whatever its real importance. One global threshold over every layer's units (a unit
+  counts with its parameter cost) then picks what to remove: blocks end up with different
+  widths.
+- GQA adaptation: the paper's unit is one attention head; with grouped-query attention a key /
+  value head is shared by n_heads / n_kv_heads query heads and can only go with all of them,
+  so the unit is a KV group and its score is the mean over all its query heads' o_proj channels
+  (the same reduction the reference's GQA port makes).
 - Bias compensation: the removed channels' mean contribution moves into the bias,
   b += W_:,pruned · μ_pruned, so the output's mean over the calibration data is unchanged.
 """
@@ -22,8 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 from secateur.errors import SecateurError
+from secateur.methods._units import unit_params
 from secateur.methods.base import StructuredMethod, register
-from secateur.methods.putri import unit_params
 
 
 def fluctuation_scores(variance: torch.Tensor, consumer_weight: torch.Tensor) -> torch.Tensor:
@@ -55,6 +64,12 @@ def group_scores(channel_scores: torch.Tensor, columns: list[torch.Tensor]) -> t
             raise SecateurError(f"flap: group {g} channel indices must be in [0, {scores.numel()})")
         out[g] = scores[cols].mean()
     return out
+
+
+def head_scores(channel_fluctuation: torch.Tensor, columns: list[torch.Tensor]) -> torch.Tensor:
+    """FLAP's attention unit scores: square the o_proj channel fluctuations, standardize them over
+    the layer's channels, then average per group (KV group) — in that order, see the module doc."""
+    return group_scores(standardize(channel_fluctuation.detach().to(torch.float64).square()), columns)
 
 
 def standardize(scores: torch.Tensor) -> torch.Tensor:
@@ -188,13 +203,21 @@ class Flap(StructuredMethod):
             if heads is not None:
                 o_stats = stats[heads.consumer_name]
                 channel = fluctuation_scores(o_stats.variance(), heads.consumer.get_weight().double())
-                units.append((standardize(group_scores(channel, heads.consumer_columns)), heads.params_per_group))
+                units.append((head_scores(channel, heads.consumer_columns), heads.params_per_group))
                 min_keep.append(1)
                 layout.append((index, "heads", heads.consumer_name, o_stats.mean(), heads.consumer_columns))
         if to_remove > sum(cost * (len(s) - keep) for (s, cost), keep in zip(units, min_keep)):
             raise SecateurError(f"flap cannot remove {sparsity:.0%} of the block parameters: at most one KV group "
                                 "and one FFN channel must stay per block; lower --sparsity")
-        masks = global_selection(units, to_remove, min_keep)
+        # A compensated consumer without a bias gains one (out_features kept parameters): count
+        # them in the budget, so that the model lands on the target with its new biases.
+        target = to_remove
+        for _ in range(4):
+            masks = global_selection(units, target, min_keep)
+            new_bias_params = self._new_bias_params(adapter, blocks, layout, masks)
+            if target == to_remove + new_bias_params:
+                break
+            target = to_remove + new_bias_params
         for (index, kind, consumer_name, mean, columns), keep_mask in zip(layout, masks):
             block = blocks[index]
             if bool(keep_mask.all()):
@@ -217,3 +240,14 @@ class Flap(StructuredMethod):
             else:
                 adapter.keep_head_groups(block, keep_mask.nonzero().flatten().tolist())
         return {}
+
+    @staticmethod
+    def _new_bias_params(adapter, blocks, layout, masks) -> int:
+        """Parameters of the biases that compensation will add for these keep masks."""
+        total = 0
+        for (index, _, consumer_name, _, _), keep_mask in zip(layout, masks, strict=True):
+            view = adapter.linears(blocks[index])[consumer_name]
+            if (not bool(keep_mask.all()) and view.get_bias() is None
+                    and adapter.can_hold_bias(blocks[index], consumer_name)):
+                total += view.out_features
+        return total

@@ -1,27 +1,29 @@
-"""Putri (Prune, Update and Trim): the tensor math of the structured seed method.
+"""Putri (Prune, Update and Trim): the structured seed method, math first, then its flow.
 
-Pure functions only; the flow that hooks the model, slices the weights and runs the greedy
-head search lives elsewhere. See docs/algorithms.md, "Structured pruning / Putri".
+See docs/algorithms.md, "Structured pruning / Putri". The α-rule budget (how many KV groups
+go, how wide every FFN stays) is shared with wanda-sp and lives in `methods/_units.py`.
 
-Budget (decoder-block parameters only). With L blocks, target s, P_mlp / P_attn the parameters
-of one MLP / attention module and α = 1.5, the attention share is
-
-    n_attn = round(L · s^((P_mlp / P_attn) / α))          attention modules' worth of heads,
-
-i.e. n_attn · num_groups KV groups over the whole model. The rest of the budget
-s · L · (P_mlp + P_attn) − (removed attention parameters) is spread evenly over the FFNs, so
-every FFN keeps the same width d_ff − remaining / (L · params per neuron), rounded.
-
-FFN neurons (inputs j of down_proj, with H = XᵀX, C = XᵀY, c_r = mean y_r²):
+FFN neurons (inputs j of down_proj, with H = XᵀX, c_r = mean y_r²):
 
     s_j = Σ_r c_r · W_rj² / U_jj²,     U = upper Cholesky factor of H⁻¹
 
 (SparseGPT's saliency of column j, weighted by each output's energy). The kept neurons S get a
-least-squares down_proj: Wᵀ = (H_SS)⁻¹ C_S = argmin ‖X_S Wᵀ − Y‖².
+least-squares down_proj that reproduces the dense layer's output XWᵀ:
+Wᵀ = (H_SS + λ D)⁻¹ (H Wᵀ)_S, D = diag(H_SS) (see `least_squares_refit` for the ridge).
+
+Deviations from the reference, each chosen by measurement on SmolLM2-135M (README,
+"Structured pruning"):
+- Ridge on both refits (`refit_damp`, relative to each kept input's own energy). The reference
+  solves exactly on 256 × 2048 tokens; on the few thousand tokens a CPU run affords the exact
+  solve overfits (kept neurons without refit: 64, with an exact refit: 1.3e7 at 512 tokens).
+- Head scores normalised by the block's residual-stream energy (`head_norm="residual"`): the
+  energy a KV group adds to the attention output is on its block's scale, and the first block's
+  residual stream is ~300× smaller than the others', so raw energies empty block 0 first.
 """
 
 from __future__ import annotations
 
+import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
@@ -30,78 +32,17 @@ import torch
 from tqdm.auto import tqdm
 
 from secateur.errors import SecateurError
+from secateur.methods._units import (  # noqa: F401  (re-exported: the budget is part of Putri's public math)
+    ALPHA,
+    PutriBudget,
+    lowest_groups,
+    model_budget,
+    putri_budget,
+    top_k,
+    unit_params,
+)
 from secateur.methods.base import StructuredMethod, register
 from secateur.methods.sparsegpt import DAMP_RETRIES, inverse_cholesky_upper
-
-ALPHA = 1.5
-
-
-@dataclass(frozen=True)
-class PutriBudget:
-    """What to remove: KV groups over the whole model, and the FFN width every block keeps."""
-
-    heads_groups_to_remove: int
-    ffn_keep: int
-
-
-def putri_budget(
-    num_blocks: int,
-    sparsity: float,
-    mlp_params: int,
-    attn_params: int,
-    group_params: int,
-    num_groups: int,
-    ffn_width: int,
-    ffn_neuron_params: int,
-    alpha: float = ALPHA,
-) -> PutriBudget:
-    """Split the parameter budget s · L · (P_mlp + P_attn) between KV groups and FFN neurons.
-
-    n_attn = round(L · s^((P_mlp / P_attn) / α)) attention modules' worth → n_attn · num_groups
-    KV groups in total, capped at L · (num_groups − 1) so that no block can lose all its groups
-    (with one KV group per block no group is removed). The removed attention parameters are
-    (groups · group_params); what is left of the budget is spread evenly over the L FFNs:
-    ffn_keep = round(d_ff − remaining / (L · ffn_neuron_params)), clamped to [1, d_ff]. When the
-    attention share alone exceeds the target (small s with a large α), remaining < 0 and the
-    FFNs are kept whole: the removal overshoots the target rather than growing FFNs.
-
-    Raises SecateurError for a sparsity outside [0, 1), non-positive sizes, or a target that
-    would need every FFN to lose all its neurons.
-    """
-    for name, value in (
-        ("num_blocks", num_blocks),
-        ("mlp_params", mlp_params),
-        ("attn_params", attn_params),
-        ("group_params", group_params),
-        ("num_groups", num_groups),
-        ("ffn_width", ffn_width),
-        ("ffn_neuron_params", ffn_neuron_params),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SecateurError(f"putri budget: {name} must be a positive integer, got {value!r}")
-    if isinstance(sparsity, bool) or not isinstance(sparsity, int | float) or not 0.0 <= sparsity < 1.0:
-        raise SecateurError(
-            f"putri: sparsity must be in [0, 1) (a fraction of block parameters), got {sparsity!r}"
-        )
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
-        raise SecateurError(f"putri: alpha must be > 0 (1.5 is the published value), got {alpha!r}")
-
-    L = num_blocks
-    n_attn = round(L * float(sparsity) ** ((mlp_params / attn_params) / alpha))
-    groups = min(n_attn * num_groups, L * (num_groups - 1))
-    target = sparsity * L * (mlp_params + attn_params)
-    remaining = target - groups * group_params
-    per_block_neurons = remaining / (L * ffn_neuron_params)
-    raw_keep = ffn_width - per_block_neurons
-    if raw_keep < 0.5:  # would round to 0 neurons: every FFN gone and still short of the target
-        removable = groups * group_params + L * (ffn_width - 1) * ffn_neuron_params
-        raise SecateurError(
-            f"putri: sparsity {sparsity:g} asks to remove {target:.0f} block parameters, but at most "
-            f"{removable} can go ({groups} KV groups and all but 1 of the {ffn_width} FFN neurons in each "
-            f"of {L} blocks); use a lower sparsity"
-        )
-    ffn_keep = min(max(round(raw_keep), 1), ffn_width)
-    return PutriBudget(heads_groups_to_remove=groups, ffn_keep=ffn_keep)
 
 
 def ffn_neuron_scores(
@@ -140,14 +81,16 @@ def ffn_neuron_scores(
 
 
 def least_squares_refit(
-    gram: torch.Tensor, cross: torch.Tensor, keep: torch.Tensor, damp: float = 1e-6
+    gram: torch.Tensor, cross: torch.Tensor, keep: torch.Tensor, damp: float = 0.0
 ) -> torch.Tensor:
-    """New weight (out, k) for the kept inputs S: ((H_SS + λI)⁻¹ C_S)ᵀ, float64.
+    """New weight (out, k) for the kept inputs S: ((H_SS + λ D)⁻¹ C_S)ᵀ, float64.
 
-    The argmin of ‖X_S Wᵀ − Y‖² given H = XᵀX (gram) and C = XᵀY (cross). λ = damp · mean(diag
-    H_SS) is a tiny ridge for safety (damp = 0 solves exactly), raised tenfold while H_SS + λI is
-    not positive definite; solved by Cholesky, never by an explicit inverse. Column i of the
-    result belongs to input keep[i] (pass sorted indices, as `top_k` returns, for a sliced layer).
+    The argmin of ‖X_S Wᵀ − Y‖² + λ Σ_j D_jj ‖W_:,j‖² given H = XᵀX (gram) and C = XᵀY (cross),
+    with D = diag(H_SS): a ridge that scales with each kept input's own energy, so it means the
+    same whatever the activation scale (LLM channels differ by orders of magnitude). damp = 0
+    solves exactly; while H_SS + λD is not positive definite λ is raised tenfold (from 1e-10).
+    Solved by Cholesky, never by an explicit inverse. Column i of the result belongs to input
+    keep[i] (pass sorted indices, as `top_k` returns, for a sliced layer).
     """
     cols = gram.shape[0] if gram.dim() == 2 else -1
     if gram.dim() != 2 or gram.shape[1] != cols:
@@ -156,17 +99,18 @@ def least_squares_refit(
         raise SecateurError(f"putri: cross must be (in={cols}, out), got {tuple(cross.shape)}")
     keep = _check_index("keep", keep, cols)
     if isinstance(damp, bool) or not isinstance(damp, int | float) or not damp >= 0:
-        raise SecateurError(f"putri: damp must be >= 0 (1e-6 is usual), got {damp!r}")
+        raise SecateurError(f"putri: refit damp must be >= 0 (0.01 is the default), got {damp!r}")
     H = gram.detach().to(torch.float64)[keep][:, keep]
     C = cross.detach().to(torch.float64)[keep]
     if keep.numel() == 0:
         return C.T.clone()  # (out, 0)
-    mean_diag = torch.diagonal(H).mean()
-    scale = mean_diag if mean_diag > 0 else torch.ones((), dtype=H.dtype)
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    diagonal = torch.diagonal(H).clone()
+    mean_diag = diagonal.mean()
+    # A dead input (zero energy) still needs a positive ridge for the factorisation.
+    diagonal = torch.where(diagonal > 0, diagonal, mean_diag if mean_diag > 0 else torch.ones((), dtype=H.dtype))
     factor = float(damp)
     for _ in range(DAMP_RETRIES + 1):
-        L, info = torch.linalg.cholesky_ex(H + factor * scale * eye)
+        L, info = torch.linalg.cholesky_ex(H + factor * torch.diag(diagonal))
         if info == 0:
             solution = torch.cholesky_solve(C, L)
             if torch.isfinite(solution).all():
@@ -174,21 +118,59 @@ def least_squares_refit(
         factor = factor * 10 if factor > 0 else 1e-10
     raise SecateurError(
         f"putri: the kept neurons' Gram matrix is singular (not positive definite even with ridge "
-        f"{factor / 10:g} · mean diagonal): use more calibration data or a larger refit damp"
+        f"{factor / 10:g} · diagonal): use more calibration data or a larger refit_damp"
     )
 
 
-def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Ascending indices of the k highest scores; among equal scores the lower index is kept."""
-    if scores.dim() != 1:
-        raise SecateurError(f"top_k: scores must be 1-D, got shape {tuple(scores.shape)}")
-    n = scores.numel()
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
-        raise SecateurError(f"top_k: k must be an integer in [0, {n}], got {k!r}")
-    if torch.isnan(scores).any():
-        raise SecateurError("top_k: scores contain NaN; check the calibration statistics")
-    order = torch.argsort(scores, descending=True, stable=True)
-    return order[:k].sort().values
+def refit_error(gram: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, damp: float = 0.0,
+                refit: bool = True) -> float:
+    """Σ over calibration tokens of ‖X_S Ŵᵀ − X Wᵀ‖²: what a layer's output loses when only inputs
+    `keep` stay, with Ŵ the least-squares refit (`refit`) or the dense columns W_S. float64.
+
+    Exact from the Gram matrix H = XᵀX alone, since the target is the dense layer's own output:
+    tr(Ŵ H_SS Ŵᵀ) − 2 tr(Ŵ (H Wᵀ)_S) + tr(W H Wᵀ).
+    """
+    H = gram.detach().to(torch.float64)
+    W = weight.detach().to(torch.float64)
+    keep = _check_index("keep", keep, H.shape[0])
+    cross = H @ W.T
+    new = least_squares_refit(H, cross, keep, damp) if refit else W[:, keep]
+    H_SS = H[keep][:, keep]
+    total = ((W @ H) * W).sum() - 2 * (new * cross[keep].T).sum() + ((new @ H_SS) * new).sum()
+    return max(float(total), 0.0)
+
+
+def allocate_steps(curves: list[tuple[list[float], list[int]]], params_to_remove: int) -> list[int]:
+    """Greedy water-filling over removal curves: how many steps to take on each curve.
+
+    `curves[i]` = (errors, costs): errors[k] is curve i's error after k steps (errors[0] the
+    error with nothing removed), costs[k] the parameters the (k+1)-th step removes. Repeatedly
+    take the step, over all curves, that adds the least error per parameter removed, until the
+    removed count is within half the cheapest step of `params_to_remove`; a step that would
+    overshoot by more is passed over while a smaller one still fits (a KV group can cost several
+    FFN steps), as FLAP's threshold does. Errors must be on a common scale (the caller normalises
+    them); ties go to the earlier curve. Returns the step count per curve.
+    """
+    taken = [0] * len(curves)
+    all_costs = [c for _, costs in curves for c in costs]
+    slack = min(all_costs) / 2 if all_costs else 0
+    removed = 0
+    while removed < params_to_remove - slack:
+        best = None  # (overshoots, rate, curve)
+        for i, (errors, costs) in enumerate(curves):
+            k = taken[i]
+            if k >= len(costs):
+                continue
+            overshoots = removed + costs[k] > params_to_remove + slack
+            candidate = (overshoots, (errors[k + 1] - errors[k]) / costs[k], i)
+            if best is None or candidate[:2] < best[:2]:
+                best = candidate
+        if best is None:
+            raise SecateurError(f"putri: cannot remove {params_to_remove} parameters: every block is at its "
+                                "minimum width; use a lower sparsity")
+        removed += curves[best[2]][1][taken[best[2]]]
+        taken[best[2]] += 1
+    return taken
 
 
 def _check_2d(name: str, tensor: torch.Tensor) -> tuple[int, int]:
@@ -221,6 +203,9 @@ def _check_index(name: str, index: torch.Tensor, size: int) -> torch.Tensor:
 # --- the method: plumbing around the math above ---------------------------------------
 
 HEAD_SCORES = ("reconstruction", "perplexity")
+HEAD_NORMS = ("residual", "none")
+ALLOCATIONS = ("uniform", "global")
+TOKENS_PER_KEPT_INPUT = 10  # below this many calibration tokens per kept input a refit overfits
 
 
 @register
@@ -232,69 +217,114 @@ class Putri(StructuredMethod):
     Head score (`head_score`):
       - "reconstruction" (default): the energy a KV group adds to its block's attention output,
         ‖W_o[:, g] z_g‖² summed over calibration tokens, read off the o_proj input Gram matrix
-        gathered in one pass. One forward pass in all, so it scales to real models.
+        gathered in one pass, divided by the block's residual-stream energy (`head_norm`,
+        "none" for the raw energy) so that groups of different blocks compare. One forward
+        pass in all, so it scales to real models.
       - "perplexity": the paper's greedy search: zero each remaining group in turn and measure the
         calibration loss on `search_windows` windows; remove the best candidates, repeat. About
         (blocks × groups) full forward passes per round: accurate, and hours on a 7B model on CPU.
+
+    Allocation (`allocation`):
+      - "uniform" (the paper's): the α-rule split; every FFN keeps the same width.
+      - "global": per-block FFN widths and KV-group counts chosen together over the whole model.
+        One pass over the model as loaded measures, for every block, the exact output error of
+        its down_proj (after the least-squares refit) at `steps` candidate widths and of its
+        o_proj with 0 … G−1 groups removed, each divided by the block's residual-stream energy
+        (the relative change of the block's output: comparable across blocks); a greedy
+        water-filling then removes, step by step, whatever adds the least relative error per
+        parameter until the target is met (`allocate_steps`). Putri's sequential pass then
+        prunes each block to its allotted width and head count, re-scoring on pruned inputs.
+
+    `refit_o_proj` refits o_proj on the kept heads (least squares to the dense attention output);
+    `refit_damp` is the ridge of both refits, relative to each kept input's energy.
     """
 
     name: ClassVar[str] = "putri"
-    alpha: float = 1.5
+    alpha: float = ALPHA
     head_score: str = "reconstruction"
+    head_norm: str = "residual"
     refit_o_proj: bool = True
+    refit_damp: float = 0.01
+    allocation: str = "uniform"
+    steps: int = 32
     search_windows: int = 1
     damp: float = 0.01
 
     def __post_init__(self):
-        if self.head_score not in HEAD_SCORES:
-            raise SecateurError(f"unknown putri head_score {self.head_score!r}; accepted: {', '.join(HEAD_SCORES)}")
-        if self.alpha <= 0 or self.search_windows < 1:
-            raise SecateurError("putri needs alpha > 0 and search_windows >= 1")
-
+        for field, value, accepted in (("head_score", self.head_score, HEAD_SCORES),
+                                       ("head_norm", self.head_norm, HEAD_NORMS),
+                                       ("allocation", self.allocation, ALLOCATIONS)):
+            if value not in accepted:
+                raise SecateurError(f"unknown putri {field} {value!r}; accepted: {', '.join(accepted)}")
+        if self.alpha <= 0 or self.search_windows < 1 or self.steps < 2 or self.refit_damp < 0:
+            raise SecateurError("putri needs alpha > 0, search_windows >= 1, steps >= 2 and refit_damp >= 0")
+        if self.allocation == "global" and self.head_score == "perplexity":
+            raise SecateurError("putri: allocation=global chooses each block's head count from reconstruction "
+                                "errors; it does not combine with head_score=perplexity")
 
     def prune_model(self, session, sparsity: float) -> dict:
+        if self.allocation == "global":
+            widths, head_counts = self._global_plan(session, sparsity)
+            self._prune_ffn(session, widths)
+            removed = self._remove_heads(session, per_block=head_counts)
+            return {"ffn_keep": widths, "kv_groups_removed": removed, "head_score": self.head_score,
+                    "allocation": self.allocation}
         budget = model_budget(session.adapter, sparsity, self.alpha)
-        self._prune_ffn(session, budget.ffn_keep)
-        removed = self._remove_heads(session, budget.heads_groups_to_remove)
-        return {"ffn_keep": budget.ffn_keep, "kv_groups_removed": removed, "head_score": self.head_score}
+        self._prune_ffn(session, [budget.ffn_keep] * len(session.adapter.blocks()))
+        removed = self._remove_heads(session, count=budget.heads_groups_to_remove)
+        return {"ffn_keep": budget.ffn_keep, "kv_groups_removed": removed, "head_score": self.head_score,
+                "allocation": self.allocation}
 
-    def _prune_ffn(self, session, keep_width: int) -> None:
+    def _prune_ffn(self, session, widths: list[int]) -> None:
         """Stage 1: block by block on the outputs of the already pruned blocks."""
         adapter = session.adapter
         session.start_pass()
-        needs = frozenset({"sum", "gram", "cross", "out_sumsq"})
+        needs = frozenset({"sum", "gram", "out_sumsq"})
         blocks = adapter.blocks()
         for index, block in enumerate(tqdm(blocks, desc="putri FFN", unit="block", disable=not session.progress)):
             ffn = adapter.ffn_units(block)
+            keep_width = widths[index]
             if keep_width < ffn.width:
                 stats = session.gather(index, {ffn.consumer_name: ffn.consumer}, needs)[ffn.consumer_name]
+                self._warn_few_tokens(session, stats.count, keep_width)
                 weight = ffn.consumer.get_weight().double()
                 scores = ffn_neuron_scores(weight, stats.gram, stats.out_sumsq / stats.count, self.damp)
                 keep = top_k(scores, keep_width)
                 adapter.keep_ffn(block, keep)
-                adapter.ffn_units(block).consumer.set_weight(
-                    least_squares_refit(stats.gram, _target_cross(stats, ffn.consumer.get_bias()), keep).float()
-                )
+                # Target: the dense layer's own output X Wᵀ (the bias stays as it is).
+                new = least_squares_refit(stats.gram, stats.gram @ weight.T, keep, self.refit_damp)
+                adapter.ffn_units(block).consumer.set_weight(new.float())
             if index + 1 < len(blocks):
                 session.advance(index)
 
-    def _remove_heads(self, session, count: int) -> list[list[int]]:
-        """Stage 2: remove `count` KV groups over the whole model (at least one stays per block)."""
+    def _warn_few_tokens(self, session, tokens: int, kept: int) -> None:
+        if tokens < TOKENS_PER_KEPT_INPUT * kept and not any("calibration tokens" in w for w in session.warnings):
+            session.warnings.append(
+                f"putri: {tokens} calibration tokens for {kept} kept inputs per refit (fewer than "
+                f"{TOKENS_PER_KEPT_INPUT}× the kept width): the least-squares refits may overfit; give more "
+                "--nsamples or a longer --seqlen, or raise the refit_damp option")
+
+    def _remove_heads(self, session, count: int = 0, per_block: list[int] | None = None) -> list[list[int]]:
+        """Stage 2: remove `count` KV groups over the whole model, or `per_block[i]` in block i
+        (at least one group stays per block)."""
         adapter = session.adapter
         blocks = adapter.blocks()
         removed: list[list[int]] = [[] for _ in blocks]
-        if count == 0:
+        if (per_block is None and count == 0) or (per_block is not None and not any(per_block)):
             return removed
-        grams = None
-        if self.head_score == "reconstruction" or self.refit_o_proj:
-            grams = self._o_proj_grams(session)
+        grams, energies = self._o_proj_grams(session)
+        # The dense o_proj, before any search zeroes columns: the refit's target.
+        dense_o = [adapter.head_units(block).consumer.get_weight().double().clone() for block in blocks]
         if self.head_score == "reconstruction":
             scores = []
             for index, block in enumerate(blocks):
                 heads = adapter.head_units(block)
-                weight = heads.consumer.get_weight().double()
-                scores.append(group_energy(weight, grams[index], heads.consumer_columns))
-            removed = lowest_groups(scores, count)
+                energy = group_energy(dense_o[index], grams[index], heads.consumer_columns)
+                scores.append(energy / energies[index] if self.head_norm == "residual" else energy)
+            if per_block is None:
+                removed = lowest_groups(scores, count)
+            else:
+                removed = [top_k(-block_scores, n).tolist() for block_scores, n in zip(scores, per_block, strict=True)]
         else:
             removed = self._greedy_search(session, count)
         for index, block in enumerate(blocks):
@@ -306,25 +336,61 @@ class Putri(StructuredMethod):
             new_weight = None
             if self.refit_o_proj:
                 gram = grams[index]
-                cross = gram @ heads.consumer.get_weight().double().T  # Y = X W_oᵀ: target is the dense output
-                new_weight = least_squares_refit(gram, cross, kept_columns).float()
+                new_weight = least_squares_refit(gram, gram @ dense_o[index].T, kept_columns, self.refit_damp).float()
             adapter.keep_head_groups(block, keep)
             if new_weight is not None:
                 adapter.head_units(block).consumer.set_weight(new_weight)
         return removed
 
-    def _o_proj_grams(self, session) -> list[torch.Tensor]:
-        """One pass: the Gram matrix of every block's o_proj input (XᵀX / n)."""
+    def _o_proj_grams(self, session) -> tuple[list[torch.Tensor], list[float]]:
+        """One pass: every block's o_proj input Gram matrix (XᵀX / n) and the mean energy
+        ‖h‖² of the residual stream entering the block."""
         adapter = session.adapter
         session.start_pass()
-        grams = []
+        grams, energies = [], []
         blocks = adapter.blocks()
         for index, block in enumerate(tqdm(blocks, desc="putri heads", unit="block", disable=not session.progress)):
             heads = adapter.head_units(block)
+            energies.append(residual_energy(session.hidden))
             stats = session.gather(index, {heads.consumer_name: heads.consumer}, frozenset({"gram"}),
                                    advance=index + 1 < len(blocks))[heads.consumer_name]
             grams.append(stats.gram / stats.count)
-        return grams
+        return grams, energies
+
+    def _global_plan(self, session, sparsity: float) -> tuple[list[int], list[int]]:
+        """Per-block FFN widths and KV-group counts for allocation="global" (see the class doc)."""
+        adapter = session.adapter
+        blocks = adapter.blocks()
+        to_remove = round(sparsity * adapter.count_block_params())
+        session.start_pass()
+        curves, candidate_widths = [], []  # curves: block 0's FFN, block 0's heads, block 1's FFN, ...
+        for index, block in enumerate(tqdm(blocks, desc="putri allocation", unit="block",
+                                           disable=not session.progress)):
+            ffn, heads = adapter.ffn_units(block), adapter.head_units(block)
+            energy = residual_energy(session.hidden)
+            stats = session.gather(index, {ffn.consumer_name: ffn.consumer, heads.consumer_name: heads.consumer},
+                                   frozenset({"gram", "out_sumsq"}), advance=index + 1 < len(blocks))
+            down, o_stats = stats[ffn.consumer_name], stats[heads.consumer_name]
+            weight = ffn.consumer.get_weight().double()
+            scores = ffn_neuron_scores(weight, down.gram, down.out_sumsq / down.count, self.damp)
+            step = -(-ffn.width // self.steps)  # ceil: at most `steps` steps, the last one may be smaller
+            widths = list(range(ffn.width, 0, -step))  # candidate widths, the dense one first, all >= 1
+            tokens_energy = energy * down.count
+            errors = [refit_error(down.gram, weight, top_k(scores, w), self.refit_damp) / tokens_energy
+                      for w in widths]
+            neuron_params = unit_params(ffn) // ffn.width
+            curves.append((errors, [(a - b) * neuron_params for a, b in itertools.pairwise(widths)]))
+            candidate_widths.append(widths)
+            o_weight = heads.consumer.get_weight().double()
+            order = torch.argsort(group_energy(o_weight, o_stats.gram, heads.consumer_columns), stable=True).tolist()
+            head_errors = []
+            for removed in range(heads.num_groups):  # at least one group stays
+                keep = torch.cat([heads.consumer_columns[g] for g in sorted(order[removed:])])
+                head_errors.append(refit_error(o_stats.gram, o_weight, keep, self.refit_damp, self.refit_o_proj)
+                                   / tokens_energy)
+            curves.append((head_errors, [heads.params_per_group] * (heads.num_groups - 1)))
+        taken = allocate_steps(curves, to_remove)
+        return [widths[steps] for widths, steps in zip(candidate_widths, taken[0::2], strict=True)], taken[1::2]
 
     def _greedy_search(self, session, count: int) -> list[list[int]]:
         adapter = session.adapter
@@ -359,45 +425,18 @@ class Putri(StructuredMethod):
         return [sorted(groups) for groups in removed]
 
 
-def model_budget(adapter, sparsity: float, alpha: float) -> PutriBudget:
-    """Putri's α-rule budget for a model whose blocks all have the first block's shape."""
-    first = adapter.blocks()[0]
-    ffn, heads = adapter.ffn_units(first), adapter.head_units(first)
-    mlp_params = unit_params(ffn)
-    return putri_budget(
-        len(adapter.blocks()), sparsity, mlp_params, heads.params_per_group * heads.num_groups,
-        heads.params_per_group, heads.num_groups, ffn.width, mlp_params // ffn.width, alpha,
-    )
-
-
-def unit_params(ffn) -> int:
-    """Weights of one FFN: its producers and its consumer."""
-    return sum(v.out_features * v.in_features for v in ffn.producers.values()) + (
-        ffn.consumer.out_features * ffn.consumer.in_features)
-
-
-def _target_cross(stats, bias):
-    """XᵀY for fitting the weight alone: the bias stays, so fit Y − b (XᵀY − (Σx) bᵀ)."""
-    if bias is None:
-        return stats.cross
-    return stats.cross - torch.outer(stats.sum, bias.double())
+def residual_energy(hidden: list[torch.Tensor]) -> float:
+    """Mean over tokens of ‖h‖², the residual stream's energy (h: (batch, tokens, hidden) windows)."""
+    total = sum(float(h.double().square().sum()) for h in hidden)
+    tokens = sum(h.numel() // h.shape[-1] for h in hidden)
+    if tokens == 0 or not total > 0:
+        raise SecateurError("putri: the residual stream is empty or all zero; check the calibration data")
+    return total / tokens
 
 
 def group_energy(weight: torch.Tensor, gram: torch.Tensor, columns: list[torch.Tensor]) -> torch.Tensor:
     """Per KV group g: mean over tokens of ‖W[:, g] z_g‖² = Σ (W_g G_gg ⊙ W_g), G = XᵀX / n."""
     return torch.stack([((weight[:, c] @ gram[c][:, c]) * weight[:, c]).sum() for c in columns])
-
-
-def lowest_groups(scores: list[torch.Tensor], count: int) -> list[list[int]]:
-    """The `count` lowest-scoring groups over all blocks, at most all-but-one per block."""
-    order = sorted((float(s), index, group) for index, block in enumerate(scores) for group, s in enumerate(block))
-    removed: list[list[int]] = [[] for _ in scores]
-    for _, index, group in order:
-        if sum(map(len, removed)) == count:
-            break
-        if len(removed[index]) < len(scores[index]) - 1:
-            removed[index].append(group)
-    return [sorted(groups) for groups in removed]
 
 
 def _zero(view, columns) -> None:

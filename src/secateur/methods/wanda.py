@@ -12,13 +12,9 @@ from typing import ClassVar
 import torch
 
 from secateur.masks import prune_mask
+from secateur.methods._scores import wanda_scores
 from secateur.methods.base import PruneResult, SparsityTarget, register
 from secateur.stats import LinearStats
-
-
-def wanda_scores(weight: torch.Tensor, stats: LinearStats) -> torch.Tensor:
-    """|W_ij| · ‖X_:,j‖₂ as a float32 (out, in) matrix."""
-    return weight.abs().float() * stats.column_norm().to(torch.float32)
 
 
 @register

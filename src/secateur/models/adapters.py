@@ -11,6 +11,10 @@ family's modeling code in transformers 5.x:
 - gpt2: every Conv1D always has a bias.
 - gpt_neox: `attention_bias` → query_key_value/dense; the MLP always has a bias.
 
+A bias is added only to the layer that needs one (`ensure_bias`); the flag is turned on
+only when every layer it governs has one, and a checkpoint in which only some do records
+those per module (secateur.structured.checkpoint).
+
 Structured slicing (physically removing FFN neurons, KV groups, blocks) was checked
 against the same attention forwards: the Llama-like families, GPT-NeoX and (for
 heads) nothing else reshape with `-1` heads, so only the weights change; OPT reads
@@ -28,6 +32,8 @@ from torch import nn
 
 from secateur.errors import SecateurError
 from secateur.models.base import (
+    ROLE_NORMED,
+    ROLE_OUT,
     Adapter,
     BlockShape,
     FfnUnits,
@@ -74,20 +80,36 @@ class _LayoutAdapter(Adapter):
     def linears(self, block: nn.Module) -> dict[str, LinearView]:
         return {name: LinearView(_resolve(block, name), self.transposed) for name in self.linear_names}
 
+    def layer_role(self, name: str) -> str:
+        # The consumers of the FFN and of the heads are the block's output projections; every
+        # other prunable linear reads one of the block's normalisations (pre- or post-norm alike).
+        if name not in self.linear_names:
+            raise SecateurError(f"{name!r} is not a prunable linear of {self.config.model_type}")
+        return ROLE_OUT if name in (self.ffn_consumer_name, self.head_consumer_name) else ROLE_NORMED
+
     def ensure_bias(self, block: nn.Module, name: str) -> bool:
-        if getattr(_resolve(block, name), "bias", None) is not None:
+        module = _resolve(block, name)
+        if getattr(module, "bias", None) is not None:
             return True
-        flag = self.bias_flags.get(name)
-        if flag is None:
+        if name not in self.bias_flags:  # the family's modeling code never gives this layer a bias
             return False
-        # The flag governs several linears in every block; a checkpoint saved with the flag on
-        # must carry all of those biases, or from_pretrained would initialise them randomly.
-        setattr(self.config, flag, True)
-        governed = [n for n, f in self.bias_flags.items() if f == flag]
-        for each_block in self.blocks():
-            for linear_name in governed:
-                _add_zero_bias(_resolve(each_block, linear_name), self.transposed)
+        # This layer only: the others the flag governs get no zero bias (they would count as kept
+        # parameters). The flag follows, so that once every governed layer has a bias (STADE on
+        # every layer) a plain save_pretrained/from_pretrained round trip keeps them all.
+        _add_zero_bias(module, self.transposed)
+        for flag, value in self.bias_flag_values().items():
+            setattr(self.config, flag, value)
         return True
+
+    def can_hold_bias(self, block: nn.Module, name: str) -> bool:
+        return getattr(_resolve(block, name), "bias", None) is not None or name in self.bias_flags
+
+    def bias_flag_values(self) -> dict[str, bool]:
+        values: dict[str, bool] = {}
+        for name, flag in self.bias_flags.items():
+            has_bias = all(getattr(_resolve(block, name), "bias", None) is not None for block in self.blocks())
+            values[flag] = values.get(flag, True) and has_bias
+        return values
 
 
     # --- structured slicing -------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from secateur.errors import SecateurError
+from secateur.roles import ROLE_NORMED, ROLE_OUT  # noqa: F401  (re-exported for adapters)
 
 
 @dataclass(frozen=True)
@@ -171,12 +172,31 @@ class Adapter:
         positions (a longer input is an index error); None where positions are computed (rotary)."""
         return None
 
-    # --- biases -----------------------------------------------------------------
-    def ensure_bias(self, block: nn.Module, name: str) -> bool:
-        """Make sure linear `name` of `block` has a bias that a saved checkpoint keeps
-        (turning on the config flag that creates it, with zero biases for the other layers
-        the flag governs). Returns False when the architecture cannot hold one there."""
+    def layer_role(self, name: str) -> str:
+        """The role (ROLE_NORMED or ROLE_OUT) of linear `name` of a block; see those constants.
+        The engine hands it to the methods that ask for it (`secateur.methods.base.LayerInfo`)."""
         raise NotImplementedError
+
+    # --- biases -----------------------------------------------------------------
+    # Only the layers that receive a compensation get a bias (a zero bias elsewhere would count
+    # as a kept parameter and is dead weight). A checkpoint keeps them either way: a config flag
+    # that creates biases (Llama's attention_bias, ...) is on exactly when every layer it governs
+    # has one (`bias_flag_values`), and `secateur.structured.finalize_config` records any other
+    # biased layer per module, as it records sliced shapes.
+    def can_hold_bias(self, block: nn.Module, name: str) -> bool:
+        """Whether linear `name` of `block` has a bias or `ensure_bias` could give it one (no change)."""
+        return False
+
+    def ensure_bias(self, block: nn.Module, name: str) -> bool:
+        """Give linear `name` of `block` a (zero) bias if it has none, and that layer only.
+        Returns False when the architecture cannot hold a bias there."""
+        raise NotImplementedError
+
+    def bias_flag_values(self) -> dict[str, bool]:
+        """The value each of the family's bias config flags must have for the stock model to
+        build the biases the blocks have now where it can: True exactly when every layer the
+        flag governs, in every block, has a bias."""
+        return {}
 
     # --- structured pruning (models physically shrink) ---------------------------------
     def _structured_unsupported(self, what: str) -> SecateurError:

@@ -193,7 +193,7 @@ def _load_checkpoint_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
     from secateur.structured.checkpoint import is_recorded, load_structured_checkpoint
 
     try:
-        if is_recorded(config):  # structurally pruned, blocks of different shapes: no remote code needed
+        if is_recorded(config):  # per-module shapes or biases recorded (FLAP, STADE layers=out): no remote code
             model = load_structured_checkpoint(path, config, dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

@@ -6,12 +6,18 @@ how the config describes the model:
 - every block has the same shape and the family's config can express it: the standard
   fields are rewritten (`adapter.uniform_config`) and a plain
   `AutoModelForCausalLM.from_pretrained(DIR)` loads the checkpoint, no remote code;
-- otherwise every linear whose shape differs from what the stock model would build is
-  recorded (`config.secateur_linear_shapes`), so is every width/head-count attribute the
-  forward reads (`config.secateur_module_attrs`), and `auto_map` points to a small
-  `modeling_secateur.py` (written by `write_extra_files`) whose class subclasses the
-  stock one and rebuilds those linears after `__init__`. `secateur.models.load_model`
+- otherwise every linear whose shape (or presence of a bias) differs from what the stock
+  model would build is recorded (`config.secateur_linear_shapes`), so is every
+  width/head-count attribute the forward reads (`config.secateur_module_attrs`), and
+  `auto_map` points to a small `modeling_secateur.py` (written by `write_extra_files`) whose
+  class subclasses the stock one and rebuilds those linears after `__init__`. `secateur.models.load_model`
   applies the same records in-process, without remote code.
+
+Biases count as shape: a compensated layer carries a bias and its siblings do not (FLAP
+compensates o_proj and down_proj only), so a config flag that would give every sibling one
+(Llama's `attention_bias`) is turned on only when all of them really have one
+(`Adapter.bias_flag_values`); otherwise the biased layers are recorded like sliced ones, even
+when every block has the same shape.
 
 Whether the uniform config really reproduces the model is checked, not assumed: a
 skeleton of the stock model is built on the meta device and compared module by module.
@@ -71,6 +77,10 @@ def finalize_config(model: nn.Module, adapter: Adapter | None = None) -> bool:
     adapter = adapter or get_adapter(model)
     config = model.config
     _clear_records(config)
+    # A bias flag is on only when every layer it governs has a bias; the layers given one alone
+    # (a compensated o_proj beside bias-free q/k/v) differ from the stock model and are recorded.
+    for flag, value in adapter.bias_flag_values().items():
+        setattr(config, flag, value)
     shapes = adapter.block_shapes()
     if len(set(shapes)) == 1:
         fields = adapter.uniform_config(shapes[0])
