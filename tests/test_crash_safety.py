@@ -70,7 +70,7 @@ def test_kill_after_staging_then_rerun_leaves_one_complete_output(inputs, tmp_pa
     command = _prune_command(inputs, out, "--method", "magnitude")
     _kill_at("staged", command, tmp_path)
     assert not out.exists()
-    assert [p.name for p in parent.iterdir()][0].startswith(".pruned.secateur-staging-")  # the killed run's
+    assert next(p.name for p in parent.iterdir()).startswith(".pruned.secateur-staging-")  # the killed run's
 
     rerun = subprocess.run(command, capture_output=True, text=True, check=False)
     assert rerun.returncode == 0, rerun.stderr
@@ -112,7 +112,7 @@ def test_kill_while_replacing_keeps_old_or_new_and_rerun_repairs(inputs, tmp_pat
 
 
 def test_output_on_a_read_only_file_system_is_refused_up_front(inputs, tmp_path):
-    if not shutil.which("unshare") or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-m", "true"], capture_output=True, check=False).returncode:
         pytest.skip("needs `unshare -m` (a private mount namespace) to mount a read-only file system")
     mount = tmp_path / "ro"
     mount.mkdir()
@@ -185,3 +185,58 @@ def test_recover_removes_dead_leftovers_but_not_a_live_runs_staging(tmp_path, ca
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, unrelated.name])
     assert len(done) == 2 and all("left by a killed run" in line for line in done)
     assert capsys.readouterr().err.count("note: removed") == 2
+
+
+def test_recover_puts_back_a_legacy_old_copy_when_out_is_missing(tmp_path, capsys):
+    """secateur 0.1, killed between its two renames, left the only copy as .NAME.old-XXXXXXXX;
+    deleting it as a leftover would lose the user's checkpoint."""
+    from secateur.outputs import recover
+
+    old = tmp_path / ".pruned.old-k2j_x9ab"
+    old.mkdir()
+    for name in ("config.json", "recipe.yaml", "results.json", "model.safetensors"):
+        (old / name).write_text(name)
+    staging = tmp_path / ".pruned.partial-a1b2c3d4"
+    staging.mkdir()
+    done = recover(tmp_path / "pruned")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
+    assert (tmp_path / "pruned" / "results.json").read_text() == "results.json"
+    assert any("restored" in line for line in done) and "restored" in capsys.readouterr().err
+
+    # The same for a 0.1 report (.tmp-NAME-old-XXXXXXXXXXXX); an incomplete old copy is removed.
+    report = tmp_path / ".tmp-rep-old-0123456789ab"
+    report.mkdir()
+    (report / "report.md").write_text("md")
+    (report / "report.html").write_text("html")
+    cut = tmp_path / ".ckpt.old-zzzzzzzz"
+    cut.mkdir()
+    (cut / "config.json").write_text("{}")  # a removal cut short: no weights, no results
+    recover(tmp_path / "rep")
+    recover(tmp_path / "ckpt")
+    assert (tmp_path / "rep" / "report.md").read_text() == "md"
+    assert not (tmp_path / "ckpt").exists() and not cut.exists()
+
+
+def test_swap_rechecks_the_destination_at_the_end(tmp_path):
+    """The destination is checked again just before the swap: a file the user put into it while
+    the run worked keeps it from being replaced, and without overwrite a destination that
+    appeared meanwhile is refused; nothing is left beside it either way."""
+    from secateur.outputs import StagedDirectory
+
+    out = tmp_path / "pruned"
+    with StagedDirectory(out, kind="checkpoint") as staging:
+        (staging / "results.json").write_text("old")
+    with pytest.raises(SecateurError, match="did not write"), \
+            StagedDirectory(out, kind="checkpoint", overwrite=True) as staging:
+        (staging / "results.json").write_text("new")
+        (out / "notes.md").write_text("written by the user meanwhile")
+    assert (out / "results.json").read_text() == "old" and (out / "notes.md").is_file()
+
+    other = tmp_path / "other"
+    with pytest.raises(SecateurError, match="appeared while this run was working"), \
+            StagedDirectory(other, kind="checkpoint") as staging:
+        (staging / "results.json").write_text("mine")
+        other.mkdir()
+        (other / "theirs.txt").write_text("another run's")
+    assert [p.name for p in other.iterdir()] == ["theirs.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "pruned"]

@@ -62,12 +62,36 @@ def world(tmp_path_factory) -> Path:
     shutil.copytree(root / "ckpt", root / "ckpt-plus")
     (root / "ckpt-plus" / "my-notes.md").write_text("added by the user")
 
+    # A report, a results file, links, and models and data damaged in other ways.
+    (root / "results.json").write_bytes((root / "ckpt" / "results.json").read_bytes())
+    (root / "model-link").symlink_to("model")
+    (root / "foreign-link.json").symlink_to("foreign.json")
+    (root / "dangling").symlink_to(root / "nowhere" / "x")
+    (root / "empty-dir").mkdir()
+    (root / "empty.jsonl").write_text("")
+    (root / "empty.txt").write_text("")
+    (root / "text-int.jsonl").write_text(json.dumps({"text": 5}) + "\n")
+    (root / "garbage.gguf").write_bytes(os.urandom(2048))
+    shutil.copytree(root / "model", root / "garbage-weights")
+    (root / "garbage-weights" / "model.safetensors").write_bytes(os.urandom(4096))
+    shutil.copytree(root / "model", root / "config-not-json")
+    (root / "config-not-json" / "config.json").write_text("{not json")
+    shutil.copytree(root / "model", root / "bert")
+    config = json.loads((root / "bert" / "config.json").read_text())
+    (root / "bert" / "config.json").write_text(json.dumps(config | {"model_type": "bert"}))
+    shutil.copytree(root / "model", root / "no-tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (root / "no-tokenizer" / name).unlink()
+
     # Recipes of the wrong type or shape.
     recipes = {"sparsity-abc": "sparsity: abc\n", "nsamples-str": "nsamples: '2'\n", "method-list": "method: [wanda]\n",
                "ignore-int": "ignore: 5\n", "invalid-yaml": "method: wanda\nsparsity: [0.5\n",
                "unquoted-nm": "sparsity_type: 2:4\n", "not-mapping": "- wanda\n- 0.5\n", "unknown-field": "sparsty: 0.5\n",
                "options-list": "method: sparsegpt\nmethod_options: [blocksize]\n", "seed-float": "seed: 1.5\n",
-               "bool-sparsity": "sparsity: true\n"}
+               "bool-sparsity": "sparsity: true\n", "empty": "", "comment-only": "# nothing here\n",
+               "duplicate-key": "sparsity: 0.5\nsparsity: 0.7\n", "python-tag": "sparsity: !!python/object:os.system ls\n",
+               "inf-sparsity": "sparsity: .inf\n", "option-nan": "method: sparsegpt\nmethod_options: {damp: .nan}\n",
+               "ignore-empty": "ignore: ['']\n", "unknown-method": "method: snip\n"}
     for name, text in recipes.items():
         (root / f"{name}.yaml").write_text(text)
     (root / "non-utf8.yaml").write_bytes(b"method: wanda\nnote: " + BAD_UTF8)
@@ -84,6 +108,18 @@ def world(tmp_path_factory) -> Path:
     (root / "sweep-no-run" / "runs.jsonl").write_text(json.dumps({"note": "a line the user added"}) + "\n" + runs)
     (root / "sweep-list" / "sweep.json").write_text("[1, 2, 3]\n")
     (root / "sweep-bytes" / "runs.jsonl").write_bytes(runs.encode() + BAD_UTF8)
+    for name in ("sweep-runs-dir", "sweep-dense-dir", "sweep-settings-dir", "sweep-foreign-ckpt"):
+        shutil.copytree(root / "sweep", root / name)
+    (root / "sweep-runs-dir" / "runs.jsonl").unlink()
+    (root / "sweep-runs-dir" / "runs.jsonl").mkdir()
+    (root / "sweep-dense-dir" / "runs.jsonl").unlink()  # the run is to do, so the dense numbers are read
+    (root / "sweep-dense-dir" / "dense.json").mkdir()
+    (root / "sweep-settings-dir" / "sweep.json").unlink()
+    (root / "sweep-settings-dir" / "sweep.json").mkdir()
+    (root / "sweep-foreign-ckpt" / "runs.jsonl").unlink()
+    (root / "sweep-foreign-ckpt" / "checkpoints" / "magnitude-unstructured-uniform-0.5").mkdir(parents=True)
+    (root / "sweep-foreign-ckpt" / "checkpoints" / "magnitude-unstructured-uniform-0.5" / "notes.txt").write_text("x")
+    assert main(["report", str(root / "sweep"), "--out", str(root / "report"), "--quiet"]) == 0
     return root
 
 
@@ -92,7 +128,10 @@ def _snapshot(*roots: Path) -> dict[str, str]:
     for root in roots:
         for path in sorted(root.rglob("*")):
             key = str(path)
-            found[key] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+            if path.is_symlink():
+                found[key] = f"link to {os.readlink(path)}"
+            else:
+                found[key] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
     return found
 
 
@@ -101,6 +140,9 @@ SWEEP = ["sweep", "--model", "model", "--calib", "calib.txt", "--nsamples", "4",
          "magnitude", "--sparsities", "0.5", "--quiet"]
 EVAL = ["eval", "--model", "model", "--datasets", "calib.txt", "--seqlen", "32", "--quiet"]
 BENCH = ["bench", "--model", "model", "--prompt-tokens", "16", "--decode-tokens", "4", "--repeats", "1", "--quiet"]
+# Without --quiet: a check that fails after the model is loaded must still be the only line (no loading bars).
+LOUD_PRUNE, LOUD_EVAL, LOUD_BENCH = ([a for a in argv if a != "--quiet"] for argv in (PRUNE, EVAL, BENCH))
+LONG = "n" * 240  # fits a 255-byte name, but not with secateur's hidden staging suffix
 
 # name: (argv, a phrase the one line must contain)
 CASES = {
@@ -206,6 +248,98 @@ CASES = {
     "report damaged sweep": (["report", "sweep-bad-line", "--out", "r1"], "line 1"),
     "report over foreign dir": (["report", "sweep", "--out", "foreign", "--overwrite"], "not written by secateur"),
     "report non-utf8 runs": (["report", "sweep-bytes/runs.jsonl", "--out", "r1"], "not a text file"),
+    # Further hostile inputs, beyond the issue's list.
+    # -- outputs that are inputs through a link, or that would replace or add to what secateur wrote
+    "prune out links to the model": ([*PRUNE, "--out", "model-link", "--overwrite"], "is the model"),
+    "prune out inside the linked model": ([*PRUNE, "--out", "model-link/pruned"], "lies inside the model"),
+    "prune json is the model's config": ([*PRUNE, "--json", "model/config.json"], "lies inside the model"),
+    "prune json links to a foreign file": ([*PRUNE, "--json", "foreign-link.json"], "not written by secateur"),
+    "prune out dangling link": ([*PRUNE, "--out", "dangling"], "not a directory"),
+    "prune overwrite a report": ([*PRUNE, "--out", "report", "--overwrite"], "not a checkpoint"),
+    "report overwrite a checkpoint": (["report", "sweep", "--out", "ckpt", "--overwrite"], "not a report"),
+    "prune out inside a checkpoint": ([*PRUNE, "--out", "ckpt/pruned"], "secateur checkpoint"),
+    "prune out inside a sweep": ([*PRUNE, "--out", "sweep/pruned"], "secateur sweep"),
+    "report out inside a checkpoint": (["report", "sweep", "--out", "ckpt/report"], "secateur checkpoint"),
+    "sweep out inside a report": ([*SWEEP, "--out", "report/s"], "secateur report"),
+    "prune json over a sweep's settings": ([*PRUNE, "--json", "sweep/sweep.json"], "secateur sweep"),
+    "prune json inside a checkpoint": ([*PRUNE, "--json", "ckpt/results.json"], "secateur checkpoint"),
+    "eval json over prune results": ([*EVAL, "--json", "results.json"], "not secateur-eval"),
+    "bench json over prune results": ([*BENCH, "--json", "results.json"], "not secateur-bench"),
+    "sweep out is a checkpoint": ([*SWEEP, "--out", "ckpt"], "not a sweep directory"),
+    "report out is its results file": (["report", "results.json", "--out", "results.json"], "is the input"),
+    "prune out /dev/null": ([*PRUNE, "--out", "/dev/null"], "not a directory"),
+    "prune json /dev/null": ([*PRUNE, "--json", "/dev/null"], "not written by secateur"),
+    # -- output names the file system or the libraries cannot take
+    "prune out name too long": ([*PRUNE, "--out", LONG], "hidden name"),
+    "prune json name too long": ([*PRUNE, "--json", LONG + ".json"], "hidden name"),
+    "report out name too long": (["report", "sweep", "--out", LONG], "hidden name"),
+    "prune out not utf8": ([*PRUNE, "--out", "out\udcfe"], "not valid UTF-8"),
+    "sweep out not utf8": ([*SWEEP, "--out", "s\udcfe"], "not valid UTF-8"),
+    # -- values
+    "inf sparsity": ([*PRUNE, "--sparsity", "inf"], "sparsity"),
+    "negative sparsity": ([*PRUNE, "--sparsity", "-0.1"], "sparsity"),
+    "sparsity one": ([*PRUNE, "--sparsity", "1"], "sparsity"),
+    "n:m 4:2": ([*PRUNE, "--sparsity-type", "4:2"], "0 < N < M"),
+    "n:m 0:4": ([*PRUNE, "--sparsity-type", "0:4"], "0 < N < M"),
+    "n:m 2:4:8": ([*PRUNE, "--sparsity-type", "2:4:8"], "unknown sparsity type"),
+    "n:m 3:7 does not divide the widths": ([*PRUNE, "--sparsity-type", "3:7"], "multiple of 7"),
+    "seqlen one": ([*PRUNE, "--seqlen", "1"], "seqlen >= 2"),
+    "seed beyond 2**63": ([*PRUNE, "--seed", str(2**63)], "seed"),
+    "owl threshold zero": ([*PRUNE, "--allocation", "owl", "--owl-threshold", "0"], "owl_threshold"),
+    "owl lambda nan": ([*PRUNE, "--allocation", "owl", "--owl-lambda", "nan"], "owl_lambda"),
+    "method option without =": ([*PRUNE, "--method-option", "blocksize"], "KEY=VALUE"),
+    "method option without key": ([*PRUNE, "--method-option", "=3"], "KEY=VALUE"),
+    "method option twice": ([*PRUNE, "--method", "sparsegpt", "--method-option", "damp=0.1", "--method-option",
+                             "damp=0.2"], "given twice"),
+    "method option inf": ([*PRUNE, "--method", "sparsegpt", "--method-option", "damp=.inf"], "finite"),
+    "unknown task": ([*PRUNE, "--tasks", "nosuch"], "unknown task"),
+    "limit zero": ([*PRUNE, "--tasks", "piqa", "--limit", "0"], "--limit"),
+    "calibration text too short": ([*PRUNE, "--nsamples", "100000"], "tokens are needed"),
+    # -- checks after loading, without --quiet: still one line
+    "loud ignore matches nothing": ([*LOUD_PRUNE, "--ignore", "blocks.9.*"], "matches no layer"),
+    "loud seqlen beyond gpt2 positions": ([*LOUD_PRUNE, "--model", "gpt2", "--seqlen", "300"], "learned positions"),
+    "loud eval beyond gpt2 positions": ([*LOUD_EVAL, "--model", "gpt2", "--seqlen", "300"], "learned positions"),
+    "loud bench beyond gpt2 positions": ([*LOUD_BENCH, "--model", "gpt2", "--prompt-tokens", "300"],
+                                         "learned positions"),
+    "loud calibration text too short": ([*LOUD_PRUNE, "--nsamples", "100000"], "tokens are needed"),
+    # -- unreadable or wrong input
+    "recipe empty file": ([*PRUNE, "--recipe", "empty.yaml"], "is empty"),
+    "recipe only a comment": ([*PRUNE, "--recipe", "comment-only.yaml"], "is empty"),
+    "recipe key twice": ([*PRUNE, "--recipe", "duplicate-key.yaml"], "given twice"),
+    "recipe python tag": ([*PRUNE, "--recipe", "python-tag.yaml"], "not valid YAML"),
+    "recipe inf sparsity": ([*PRUNE, "--recipe", "inf-sparsity.yaml"], "sparsity"),
+    "recipe option nan": ([*PRUNE, "--recipe", "option-nan.yaml"], "finite"),
+    "recipe empty ignore pattern": ([*PRUNE, "--recipe", "ignore-empty.yaml"], "ignore"),
+    "recipe unknown method": ([*PRUNE, "--recipe", "unknown-method.yaml"], "unknown method"),
+    "calibration is a directory": ([*PRUNE, "--calib", "foreign"], "unknown data source"),
+    "calibration text not a string": ([*PRUNE, "--calib", "text-int.jsonl"], "must be a string"),
+    "calibration empty file": ([*PRUNE, "--calib", "empty.txt"], "contains no text"),
+    "data dir is a file": ([*PRUNE, "--data-dir", "a-file", "--eval", "c4"], "not a directory"),
+    "model is a text file": ([*PRUNE, "--model", "calib.txt"], "neither a .gguf"),
+    "model gguf of random bytes": ([*PRUNE, "--model", "garbage.gguf"], "cannot read GGUF"),
+    "model weights of random bytes": ([*PRUNE, "--model", "garbage-weights"], "cannot load the weights"),
+    "model config not json": ([*PRUNE, "--model", "config-not-json"], "cannot read"),
+    "model unsupported architecture": ([*PRUNE, "--model", "bert"], "unsupported architecture"),
+    "model without tokenizer": ([*PRUNE, "--model", "no-tokenizer"], "no usable tokenizer"),
+    # -- sweeps damaged by hand, or refused before any run
+    "sweep runs file is a directory": ([*SWEEP, "--out", "sweep-runs-dir"], "not a file"),
+    "sweep dense file is a directory": ([*SWEEP, "--out", "sweep-dense-dir"], "not a file"),
+    "sweep settings file is a directory": ([*SWEEP, "--out", "sweep-settings-dir"], "not a file"),
+    "sweep checkpoint dir not secateur's": ([*SWEEP, "--out", "sweep-foreign-ckpt", "--save-checkpoints"],
+                                            "not written by secateur"),
+    "sweep calibration text too short": ([*SWEEP, "--methods", "wanda", "--nsamples", "100000", "--out", "s1"],
+                                         "tokens are needed"),
+    "sweep other seed": ([*SWEEP, "--seed", "3", "--out", "sweep"], "recipe.seed"),
+    "sweep other dtype": ([*SWEEP, "--dtype", "bfloat16", "--out", "sweep"], "dtype"),
+    "sweep unknown method": ([*SWEEP, "--methods", "wanda,nosuch", "--out", "s1"], "unknown method"),
+    "sweep bad N:M entry": ([*SWEEP, "--sparsity-type", "2:4,9:3", "--out", "s1"], "9:3"),
+    "sweep sparsities not numbers": ([*SWEEP, "--sparsities", "0.5,abc", "--out", "s1"], "must be numbers"),
+    "sweep empty methods": ([*SWEEP, "--methods", "", "--out", "s1"], "empty"),
+    # -- report inputs
+    "report empty dir": (["report", "empty-dir", "--out", "r1"], "neither runs.jsonl"),
+    "report empty runs file": (["report", "empty.jsonl", "--out", "r1"], "is empty"),
+    "report a model config": (["report", "model/config.json", "--out", "r1"], "not a secateur results file"),
+    "report a text file": (["report", "calib.txt", "--out", "r1"], "not valid JSON"),
 }
 
 
@@ -214,7 +348,15 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, world, tmp_path,
     argv, phrase = CASES[case]
     monkeypatch.chdir(world)
     before = _snapshot(world, tmp_path)
-    code = main(argv)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if "--quiet" not in argv:  # as in a fresh process: an earlier --quiet case turned transformers' bars off
+        hf_logging.enable_progress_bar()
+    try:
+        code = main(argv)
+    finally:
+        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert code == 2, err

@@ -179,11 +179,14 @@ def _recipe_fields(args) -> dict:
     if args.ignore:
         base["ignore"] = [pattern for item in args.ignore for pattern in _csv(item)]
     if args.method_option:
-        options = dict(base.get("method_options") or {})
+        options, given = dict(base.get("method_options") or {}), set()
         for item in args.method_option:
             key, sep, value = item.partition("=")
-            if not sep or not key:
+            if not sep or not key.strip():
                 raise SecateurError(f"--method-option {item!r} is not KEY=VALUE (e.g. blocksize=128)")
+            if key.strip() in given:
+                raise SecateurError(f"--method-option {key.strip()} is given twice; give each option once")
+            given.add(key.strip())
             try:
                 options[key.strip()] = yaml.safe_load(value)
             except yaml.YAMLError as error:
@@ -234,7 +237,7 @@ def cmd_prune(args) -> int:
     from secateur.export import check_destination, save_checkpoint
     from secateur.models import load_model
     from secateur.outputs import check_output_file, write_json_atomic
-    from secateur.pipeline import build_results, evaluate_model
+    from secateur.pipeline import RESULTS_FORMAT, build_results, evaluate_model, loading_quietly
 
     started = time.perf_counter()
     recipe = _recipe_from_args(args)
@@ -247,11 +250,12 @@ def cmd_prune(args) -> int:
     inputs = _inputs(args, recipe.calib, *options.datasets)
     out = check_destination(args.out, args.overwrite, inputs) if args.out else None
     if args.json:
-        check_output_file(args.json, inputs=inputs, inside=out)
+        check_output_file(args.json, inputs=inputs, inside=out, fmt=RESULTS_FORMAT)
     eval_seqlen = args.eval_seqlen if args.eval_seqlen is not None else recipe.seqlen
     measure = bool(options.datasets or options.tasks)
 
-    loaded = load_model(args.model, dtype=dtype, device="cpu")
+    with loading_quietly(args.model):
+        loaded = load_model(args.model, dtype=dtype, device="cpu")
     model, tokenizer = loaded.model, loaded.tokenizer
     check_recipe_fits(model, recipe)
     if recipe.needs_calibration:
@@ -303,7 +307,7 @@ def cmd_eval(args) -> int:
     from secateur.eval.zeroshot import render_zero_shot
     from secateur.models import load_model
     from secateur.outputs import check_output_file, write_json_atomic
-    from secateur.pipeline import EVAL_FORMAT, evaluate_model, versions
+    from secateur.pipeline import EVAL_FORMAT, evaluate_model, loading_quietly, versions
 
     _, dtype = _resolve_device_dtype(args.device, args.dtype)  # validates --device too
     # Perplexity runs when asked, or by default when no zero-shot task is asked.
@@ -312,8 +316,9 @@ def cmd_eval(args) -> int:
     options.seqlen = args.seqlen
     options.check()
     if args.json:
-        check_output_file(args.json, inputs=_inputs(args, *datasets))
-    loaded = load_model(args.model, dtype=dtype, device="cpu")
+        check_output_file(args.json, inputs=_inputs(args, *datasets), fmt=EVAL_FORMAT)
+    with loading_quietly(args.model):
+        loaded = load_model(args.model, dtype=dtype, device="cpu")
     if datasets:
         check_sequence_length(loaded.model, args.seqlen, "--seqlen")
     result = evaluate_model(loaded.model, loaded.tokenizer, options, seqlen=args.seqlen, label="model")
@@ -369,17 +374,19 @@ def cmd_bench(args) -> int:
     from secateur.eval.bench import BENCH_FORMAT, benchmark, render_bench
     from secateur.models import load_model
     from secateur.outputs import check_output_file, write_json_atomic
+    from secateur.pipeline import loading_quietly
 
     device, dtype = _resolve_device_dtype(args.device, args.dtype)
     if args.prompt_tokens < 1 or args.decode_tokens < 1 or args.repeats < 1 or args.warmup < 0:
         raise SecateurError("--prompt-tokens, --decode-tokens and --repeats must be positive integers and "
                             "--warmup >= 0")
     if args.json:
-        check_output_file(args.json, inputs=_inputs(args))
+        check_output_file(args.json, inputs=_inputs(args), fmt=BENCH_FORMAT)
     specs = {"model": args.model} | ({"baseline": args.baseline} if args.baseline else {})
     models, checkpoints = {}, {}
     for label, spec in specs.items():
-        loaded = load_model(spec, dtype=dtype, device="cpu")
+        with loading_quietly(spec):
+            loaded = load_model(spec, dtype=dtype, device="cpu")
         check_sequence_length(loaded.model, args.prompt_tokens + args.decode_tokens,
                               "--prompt-tokens + --decode-tokens")
         models[label] = loaded.model.to(device)

@@ -16,17 +16,19 @@ from secateur.outputs import StagedDirectory, check_output_dir, write_json_atomi
 __all__ = ["check_destination", "save_checkpoint", "write_json_atomic"]
 
 
-def check_destination(out: str | Path, overwrite: bool, inputs: dict | None = None) -> Path:
-    """Refuse an unusable output directory up front, before any work is done."""
-    return check_output_dir(out, overwrite=overwrite, inputs=inputs)
+def check_destination(out: str | Path, overwrite: bool, inputs: dict | None = None, *,
+                      within: Path | None = None) -> Path:
+    """Refuse an unusable output directory up front, before any work is done. `within`: a
+    directory secateur manages that the checkpoint may lie inside (a sweep's own)."""
+    return check_output_dir(out, overwrite=overwrite, inputs=inputs, kind="checkpoint", within=within)
 
 
 def save_checkpoint(model, tokenizer, out: str | Path, *, recipe_yaml: str, results: dict, overwrite: bool,
-                    inputs: dict | None = None) -> Path:
-    out = check_destination(out, overwrite, inputs)
+                    inputs: dict | None = None, within: Path | None = None) -> Path:
+    out = check_destination(out, overwrite, inputs, within=within)
     from secateur.structured import prepare_checkpoint, write_extra_files
 
-    with StagedDirectory(out, kind="checkpoint") as staging:
+    with StagedDirectory(out, kind="checkpoint", overwrite=overwrite) as staging:
         # Structurally pruned blocks: a standard config when every block has the same shape,
         # otherwise recorded shapes plus a small modeling file (trust_remote_code=True).
         prepare_checkpoint(model)

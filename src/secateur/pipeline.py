@@ -7,11 +7,14 @@ files from anything else.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import platform
 import resource
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -50,6 +53,36 @@ class EvalOptions:
             from secateur.eval.zeroshot import check_tasks
 
             check_tasks(self.tasks, self.task_source)
+
+
+@contextlib.contextmanager
+def loading_quietly(spec: str | None):
+    """No progress bars while a local model (directory, .gguf, alias) loads: it takes seconds, and a
+    check that fails right after loading must be the only line on stderr. Hub downloads keep theirs."""
+    from transformers.utils import logging as hf_logging
+
+    from secateur.models.loading import ALIASES
+
+    local = spec is None or spec in ALIASES or Path(spec).expanduser().exists()
+    if not local:
+        yield
+        return
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    gguf_utils = sys.modules.get("transformers.modeling_gguf_pytorch_utils")
+    if gguf_utils is None:
+        with contextlib.suppress(ImportError):
+            import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    real_tqdm = getattr(gguf_utils, "tqdm", None)
+    if real_tqdm is not None:  # the GGUF de-quantization bar is plain tqdm, not transformers'
+        gguf_utils.tqdm = functools.partial(real_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if real_tqdm is not None:
+            gguf_utils.tqdm = real_tqdm
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def evaluate_model(model, tokenizer, options: EvalOptions, *, seqlen: int, label: str) -> dict:

@@ -37,7 +37,30 @@ def _is_patterns(value) -> bool:
 
 
 def _is_options(value) -> bool:
-    return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    # Keys are names; a number among the values is finite (YAML's .nan/.inf is no option value).
+    return isinstance(value, dict) and all(isinstance(k, str) and k for k in value) and not any(
+        isinstance(v, float) and not math.isfinite(v) for v in value.values())
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice (plain PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # an unhashable key is refused by PyYAML itself
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str):
+    """YAML as recipes read it: safe, and a key given twice is an error."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 # Every field's type, checked before any value is used: what the YAML or the caller gave must
@@ -50,7 +73,7 @@ SCHEMA: dict[str, tuple] = {
     "owl_threshold": (_is_number, "a number > 0"),
     "owl_lambda": (_is_number, "a number >= 0"),
     "ignore": (_is_patterns, "a list of glob strings such as 'blocks.0.*'"),
-    "method_options": (_is_options, "a mapping of option names to values"),
+    "method_options": (_is_options, "a mapping of option names to values (numbers finite)"),
     "calib": (lambda v: isinstance(v, str) and bool(v), "a dataset name or a file path (string)"),
     "nsamples": (_is_int, "an integer >= 1"),
     "seqlen": (_is_int, "an integer >= 2"),
@@ -185,11 +208,20 @@ class Recipe:
             raise SecateurError(f"recipe file {str(path)!r} does not exist or is not a file; give a YAML file of "
                                 "recipe fields")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = load_yaml(path.read_text(encoding="utf-8"))
         except UnicodeDecodeError as error:
             raise SecateurError(f"recipe {path} is not UTF-8 text (byte {error.start}); give a YAML file") from None
         except yaml.YAMLError as error:
-            raise SecateurError(f"recipe {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+            problem = getattr(error, "problem", None)
+            mark = getattr(error, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark is not None else ""
+            reason = f"{problem}{where}" if problem else str(error).splitlines()[0]
+            raise SecateurError(f"recipe {path} is not valid YAML: {reason}") from None
+        except OSError as error:
+            raise SecateurError(f"cannot read recipe {path}: {error.strerror or error}") from None
+        if data is None:
+            raise SecateurError(f"recipe {path} is empty; give recipe fields such as 'method: wanda' (write '{{}}' "
+                                "for all defaults)")
         if not isinstance(data, dict):
             raise SecateurError(f"recipe {path} must be a mapping of recipe fields")
         return cls.from_dict(data)

@@ -617,8 +617,8 @@ def write_report(records: list[dict], out_dir: str | Path, *, title: str = "seca
     if not all(isinstance(r, dict) for r in records):
         raise _error("write_report needs records as dicts (as returned by load_records)")
     _figure_class()  # fail on a missing matplotlib before touching the disk
-    out = check_output_dir(out_dir, overwrite=overwrite, inputs=inputs)
-    with StagedDirectory(out, kind="report") as staging:
+    out = check_output_dir(out_dir, overwrite=overwrite, inputs=inputs, kind="report")
+    with StagedDirectory(out, kind="report", overwrite=overwrite) as staging:
         plots = _draw_plots(records, staging / "plots")
         (staging / "report.md").write_text(_markdown(records, title, plots), encoding="utf-8")
         (staging / "report.html").write_text(_html(records, title, plots, staging / "plots"), encoding="utf-8")

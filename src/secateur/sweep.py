@@ -134,13 +134,17 @@ class RunLog:
 
     def _read(self) -> tuple[list[dict], bool]:
         """(records, whether the file ends in a line cut short)."""
-        if not self.path.exists():
+        if not self.path.exists() and not self.path.is_symlink():
             return [], False
+        if not self.path.is_file():
+            raise SecateurError(f"{self.path} is not a file; it was not written by secateur: give another --out")
         try:
             text = self.path.read_text(encoding="utf-8")
         except UnicodeDecodeError as error:
             raise SecateurError(f"{self.path} is not UTF-8 text (byte {error.start}); it was not written by "
                                 "secateur as it is: give another --out") from None
+        except OSError as error:
+            raise SecateurError(f"cannot read {self.path}: {error.strerror or error}; give another --out") from None
         lines = text.split("\n")
         records, cut = [], False
         for number, line in enumerate(lines, start=1):
@@ -186,11 +190,15 @@ class RunLog:
 
 
 def _read_json_mapping(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise SecateurError(f"{path} ({what}) is not a file; it was not written by secateur: give another --out")
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise SecateurError(f"{path} ({what}) is not valid JSON ({type(error).__name__}); secateur does not "
                             "touch it: give another --out") from None
+    except OSError as error:
+        raise SecateurError(f"cannot read {path} ({what}): {error.strerror or error}; give another --out") from None
     if not isinstance(value, dict):
         raise SecateurError(f"{path} ({what}) is not a JSON mapping; give another --out")
     return value
@@ -200,7 +208,7 @@ def check_settings(out_dir: Path, settings: dict) -> None:
     """A directory holds one sweep: refuse to mix runs made under other settings, naming each
     setting that differs (every field that changes a result is a setting)."""
     path = out_dir / "sweep.json"
-    if path.exists():
+    if path.exists() or path.is_symlink():
         previous = _read_json_mapping(path, "the sweep's settings")
         if previous.get("format") != SWEEP_FORMAT:
             raise SecateurError(f"{path} is not a secateur sweep file; give another --out")
@@ -250,9 +258,9 @@ def run_sweep(plan: GridPlan, *, model_spec, out_dir, eval_options, base: dict, 
     """Run every grid point not yet done. Returns {"done": n, "skipped": n, "failed": [ids]}."""
     import secateur
     from secateur.data import calibration_windows
-    from secateur.export import save_checkpoint
+    from secateur.export import check_destination, save_checkpoint
     from secateur.models import load_model
-    from secateur.pipeline import RESULTS_FORMAT, build_results, evaluate_model
+    from secateur.pipeline import RESULTS_FORMAT, build_results, evaluate_model, loading_quietly
 
     out_dir = Path(out_dir)
     settings = {"model": _as_recorded(model_spec or "smollm2-135m"), "dtype": str(dtype).removeprefix("torch."),
@@ -269,7 +277,8 @@ def run_sweep(plan: GridPlan, *, model_spec, out_dir, eval_options, base: dict, 
     log = RunLog(out_dir)
     finished = log.finished()
     dense_path = out_dir / "dense.json"
-    dense = _read_json_mapping(dense_path, "the dense model's numbers") if dense_path.exists() else None
+    dense = _read_json_mapping(dense_path, "the dense model's numbers") \
+        if dense_path.exists() or dense_path.is_symlink() else None
     todo = [recipe for recipe in plan.recipes if run_id(recipe) not in finished]
     summary = (f"sweep: {len(plan.recipes)} runs, {len(plan.recipes) - len(todo)} already done, {len(todo)} to go "
                f"-> {out_dir / RUNS_FILE}")
@@ -277,11 +286,19 @@ def run_sweep(plan: GridPlan, *, model_spec, out_dir, eval_options, base: dict, 
         print(summary, file=sys.stderr)
         return {"done": 0, "skipped": len(plan.recipes), "failed": []}
 
-    loaded = load_model(model_spec, dtype=dtype, device="cpu")
+    with loading_quietly(model_spec):
+        loaded = load_model(model_spec, dtype=dtype, device="cpu")
     dense_model, tokenizer = loaded.model, loaded.tokenizer
     first = plan.recipes[0]  # every grid point shares the calibration fields of `base`
     eval_seqlen = eval_options.seqlen or first.seqlen
     _check_fits(dense_model, todo, eval_seqlen if eval_options.datasets else None)
+    calibration = None
+    if any(recipe.needs_calibration for recipe in todo):  # too little text is refused before anything is written
+        calibration = calibration_windows(tokenizer, first.calib, nsamples=first.nsamples, seqlen=first.seqlen,
+                                          seed=first.seed, data_dir=data_dir)
+    if save_checkpoints:  # a directory secateur did not write, where a checkpoint goes, is refused now
+        for recipe in todo:
+            check_destination(out_dir / "checkpoints" / run_id(recipe), True, within=out_dir.resolve())
     for note in plan.notes:
         print(f"note: {note}", file=sys.stderr)
     print(summary, file=sys.stderr)
@@ -293,10 +310,6 @@ def run_sweep(plan: GridPlan, *, model_spec, out_dir, eval_options, base: dict, 
     if dense is None and (eval_options.datasets or eval_options.tasks):
         dense = evaluate_model(dense_model, tokenizer, eval_options, seqlen=eval_seqlen, label="dense")
         _write_json(dense_path, dense)
-    calibration = None
-    if any(recipe.needs_calibration for recipe in todo):
-        calibration = calibration_windows(tokenizer, first.calib, nsamples=first.nsamples, seqlen=first.seqlen,
-                                          seed=first.seed, data_dir=data_dir)
 
     failed, durations = [], []
     for index, recipe in enumerate(todo, 1):
@@ -317,7 +330,7 @@ def run_sweep(plan: GridPlan, *, model_spec, out_dir, eval_options, base: dict, 
             if save_checkpoints:
                 record["checkpoint"] = str(out_dir / "checkpoints" / name)
                 save_checkpoint(model, tokenizer, out_dir / "checkpoints" / name, recipe_yaml=recipe.to_yaml(),
-                                results=record, overwrite=True)
+                                results=record, overwrite=True, within=out_dir.resolve())
             record["run"] = {"id": name, "status": "done"} | _options_note(plan, recipe)
             del model
         except SecateurError as error:  # e.g. a ratio the method cannot reach: record it, go on
