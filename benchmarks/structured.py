@@ -143,7 +143,10 @@ def latency_pass(args, out, dense, tokenizer, datasets) -> None:
     pruning and perplexity are CPU-bound work that can share a machine; latency cannot."""
     saved = json.loads((out / "structured.json").read_text())
     rows, latency_repeats = saved["runs"], max(args.repeats, 1)
+    wanted = {float(r) for r in args.ratios.split(",")}
     for row in rows:
+        if row["ratio"] not in wanted:
+            continue  # --ratios limits what is timed (e.g. only 0.5)
         path = out / "checkpoints" / f"{row['variant']}-{row['ratio']}"
         if not path.is_dir():
             print(f"no checkpoint for {row['variant']} {row['ratio']}; rerun with --keep-checkpoints", file=sys.stderr)

@@ -25,9 +25,13 @@ from common import benchmark_parser, load_setup
 import secateur
 from secateur.eval import perplexity
 
-RUNS = [(method, kind, sparsity, "uniform") for method in ("magnitude", "wanda", "stade", "sparsegpt")
+# (method, pattern, sparsity, allocation, method options)
+RUNS = [(method, kind, sparsity, "uniform", {}) for method in ("magnitude", "wanda", "stade", "sparsegpt")
         for kind, sparsity in (("unstructured", 0.5), ("4:8", 0.5), ("2:4", 0.5))]
-RUNS += [(method, "unstructured", 0.7, allocation) for method in ("wanda", "sparsegpt")
+# STADE's split variant (the reference's): STADE on o_proj/down_proj, Wanda on the rest.
+RUNS += [("stade", kind, sparsity, "uniform", {"layers": "out"})
+         for kind, sparsity in (("unstructured", 0.5), ("4:8", 0.5), ("2:4", 0.5))]
+RUNS += [(method, "unstructured", 0.7, allocation, {}) for method in ("wanda", "sparsegpt")
          for allocation in ("uniform", "owl")]
 # Targets from the issue: prune time / calibration forward time.
 TIME_TARGET = {"magnitude": 1.3, "wanda": 1.3, "stade": 1.3, "sparsegpt": 2.0}
@@ -36,6 +40,8 @@ TIME_TARGET = {"magnitude": 1.3, "wanda": 1.3, "stade": 1.3, "sparsegpt": 2.0}
 def main() -> None:
     parser = benchmark_parser(__doc__.splitlines()[0])
     parser.add_argument("--only", default=None, help="comma list of methods to run (default: all)")
+    parser.add_argument("--patterns", default=None,
+                        help="comma list of patterns to run, e.g. unstructured,2:4 (default: all)")
     args = parser.parse_args()
     torch.manual_seed(0)
     out, datasets, loaded, calib = load_setup(args)
@@ -53,11 +59,12 @@ def main() -> None:
 
     dense_ppl, eval_protocol = evaluate(dense)
     rows = []
-    runs = [r for r in RUNS if args.only is None or r[0] in args.only.split(",")]
-    for method, kind, sparsity, allocation in runs:
+    runs = [r for r in RUNS if (args.only is None or r[0] in args.only.split(","))
+            and (args.patterns is None or r[1] in args.patterns.split(","))]
+    for method, kind, sparsity, allocation, options in runs:
         model = copy.deepcopy(dense)
         recipe = {"method": method, "sparsity": sparsity, "sparsity_type": kind, "allocation": allocation,
-                  "nsamples": args.nsamples, "seqlen": args.seqlen}
+                  "nsamples": args.nsamples, "seqlen": args.seqlen, "method_options": options}
         started = time.perf_counter()
         _, report = secateur.prune(model, recipe, calib, progress=False)
         elapsed = time.perf_counter() - started
@@ -68,13 +75,13 @@ def main() -> None:
         memory = report.memory_mb
         working_set = model_mb + memory["rss_peak_mb"] - memory["rss_before_mb"]
         rows.append({
-            "method": method, "type": kind, "sparsity": sparsity, "allocation": allocation,
+            "method": method, "options": options, "type": kind, "sparsity": sparsity, "allocation": allocation,
             "achieved": report.sparsity_achieved, "perplexity": ppl, "timings_s": timings, "wall_s": elapsed,
             "forward_s": forward, "time_ratio": timings["total"] / forward if forward else None,
             "memory_mb": memory, "working_set_mb": working_set,
             "memory_ratio": working_set / (model_mb + activation_mb),
         })
-        print(f"done {method} {kind} {sparsity} {allocation}: {ppl} in {elapsed:.1f} s", file=sys.stderr)
+        print(f"done {method} {options} {kind} {sparsity} {allocation}: {ppl} in {elapsed:.1f} s", file=sys.stderr)
         del model
         # Written after every run, so an interrupted benchmark still leaves what it measured.
         table = render(rows, dense_ppl, datasets, args, model_mb, activation_mb)
@@ -106,8 +113,9 @@ def render(rows, dense_ppl, datasets, args, model_mb, activation_mb) -> str:
         ratio = row["time_ratio"]
         target = TIME_TARGET[row["method"]]
         verdict = "n/a (no calibration)" if ratio is None else f"{ratio:.2f} ({'≤' if ratio <= target else '>'}{target})"
+        name = row["method"] + "".join(f" {k}={v}" for k, v in row.get("options", {}).items())
         lines.append(
-            f"| {row['method']} | {label} | " + " | ".join(f"{row['perplexity'][d]:.2f}" for d in datasets)
+            f"| {name} | {label} | " + " | ".join(f"{row['perplexity'][d]:.2f}" for d in datasets)
             + f" | {row['timings_s']['total']:.1f} | {row['forward_s']:.1f} | {verdict} | "
             f"{row['working_set_mb']:.0f} ({row['memory_ratio']:.2f}) |"
         )

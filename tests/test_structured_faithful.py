@@ -15,7 +15,7 @@ from tiny_models import _config, model_from_config, tiny_tokenizer
 import secateur
 from secateur.export import save_checkpoint
 from secateur.methods.flap import group_scores, head_scores, standardize
-from secateur.methods.putri import allocate_steps, least_squares_refit, refit_error
+from secateur.methods.putri import allocate_steps, least_squares_refit, nested_refit_errors, refit_error
 from secateur.methods.wanda_sp import block_shares
 from secateur.models import get_adapter, load_model
 from secateur.recipe import Recipe
@@ -124,7 +124,7 @@ def test_putri_perplexity_search_refit_is_not_a_no_op(dense):
     """Bug 3: the search zeroed the removed groups' o_proj columns before the refit target was
     built, so the refit returned the weights unchanged."""
     ids = calibration(dense, 2, seed=9)
-    with_refit, report = prune(dense, "putri", 0.3, head_score="perplexity")
+    with_refit, report = prune(dense, "putri", 0.3, head_score="perplexity", refit_o_proj=True)
     without_refit, _ = prune(dense, "putri", 0.3, head_score="perplexity", refit_o_proj=False)
     assert sum(3 - n for n in kv_groups_left(report)) >= 1
     assert not torch.allclose(logits(with_refit, ids), logits(without_refit, ids), atol=1e-6)
@@ -153,8 +153,15 @@ def test_ridge_scales_with_each_inputs_energy():
     keep = torch.tensor([0, 3, 4, 7, 9, 11])
     H, C = X.T @ X, X.T @ (X @ W.T)
     H_SS = H[keep][:, keep]
-    expected = torch.linalg.solve(H_SS + 0.1 * torch.diag(torch.diagonal(H_SS)), C[keep]).T
+    D = torch.diag(torch.diagonal(H_SS))
+    expected = torch.linalg.solve(H_SS + 0.1 * D, C[keep]).T
     torch.testing.assert_close(least_squares_refit(H, C, keep, damp=0.1), expected)
+    # Pulled towards a prior instead of zero: (H_SS + λD) Wᵀ = C_S + λ D Pᵀ.
+    prior = W[:, keep]
+    expected = torch.linalg.solve(H_SS + 0.1 * D, C[keep] + 0.1 * D @ prior.T).T
+    torch.testing.assert_close(least_squares_refit(H, C, keep, damp=0.1, prior=prior), expected)
+    # A huge ridge keeps the prior; no ridge is the exact solve.
+    torch.testing.assert_close(least_squares_refit(H, C, keep, damp=1e9, prior=prior), prior, atol=1e-4, rtol=1e-4)
 
 
 def test_ridge_refit_generalises_where_the_exact_one_overfits():
@@ -165,7 +172,7 @@ def test_ridge_refit_generalises_where_the_exact_one_overfits():
     H = train.T @ train
     held_out = {}
     for damp in (0.0, 0.05):
-        new = least_squares_refit(H, H @ W.T, keep, damp=damp)
+        new = least_squares_refit(H, H @ W.T, keep, damp=damp, prior=W[:, keep])
         held_out[damp] = float((test[:, keep] @ new.T - test @ W.T).square().mean())
     assert held_out[0.05] < 0.5 * held_out[0.0]
 
@@ -176,9 +183,27 @@ def test_refit_error_matches_the_direct_computation():
     keep = torch.tensor([1, 2, 5, 8])
     H = X.T @ X
     for refit, damp in ((True, 0.0), (True, 0.01), (False, 0.0)):
-        new = least_squares_refit(H, H @ W.T, keep, damp) if refit else W[:, keep]
+        new = least_squares_refit(H, H @ W.T, keep, damp, prior=W[:, keep]) if refit else W[:, keep]
         direct = float((X[:, keep] @ new.T - X @ W.T).square().sum())
         assert refit_error(H, W, keep, damp, refit) == pytest.approx(direct, rel=1e-8)
+
+
+def test_nested_refit_errors_agree_with_one_refit_per_width():
+    X = _inputs(400, 12, seed=8)
+    W = torch.randn(5, 12, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    H = X.T @ X
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(10))
+    exact = nested_refit_errors(H, W, order)
+    plain = nested_refit_errors(H, W, order, refit=False)
+    ridge = nested_refit_errors(H, W, order, damp=0.05)
+    for w in range(1, 13):
+        keep = order[:w].sort().values
+        assert float(exact[w]) == pytest.approx(refit_error(H, W, keep), rel=1e-7, abs=1e-6)
+        assert float(plain[w]) == pytest.approx(refit_error(H, W, keep, refit=False), rel=1e-7, abs=1e-6)
+        # with a ridge: the ridge objective, at least the error of the ridge refit
+        assert float(ridge[w]) >= refit_error(H, W, keep, damp=0.05) * (1 - 1e-9) - 1e-6
+    assert float(exact[0]) == pytest.approx(float(((X @ W.T) ** 2).sum()))
+    assert float(exact[12]) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_putri_warns_when_calibration_is_too_short_for_the_refit(dense):
@@ -252,3 +277,22 @@ def test_putri_global_allocation_on_every_block_shape_of_gemma():
                    calibration(model, 4, 32), progress=False)
     assert (before - get_adapter(model).count_block_params()) / before == pytest.approx(0.3, abs=0.02)
     assert torch.isfinite(logits(model, calibration(model, 1, 16, seed=3))).all()
+
+
+def test_putri_global_allocation_drops_a_block_that_does_nothing(tmp_path):
+    """Whole blocks compete in the same budget: a block whose attention and FFN barely write to
+    the residual stream costs less to drop than any thinning elsewhere."""
+    dense = uneven_scales_model(blocks=5)
+    with torch.no_grad():
+        dense.model.layers[3].mlp.down_proj.weight.mul_(1e-3)
+        dense.model.layers[3].self_attn.o_proj.weight.mul_(1e-3)
+    model, report = prune(dense, "putri", 0.2, allocation="global")
+    assert report.structure["removed_blocks"] == [3]
+    assert report.sparsity_achieved == pytest.approx(0.2, abs=0.01)
+    _, kept_whole = prune(dense, "putri", 0.2, allocation="global", drop_blocks=False)
+    assert kept_whole.structure["removed_blocks"] == []
+    assert len(kept_whole.structure["blocks"]) == 5
+    out = save_checkpoint(model, tiny_tokenizer(), tmp_path / "dropped", recipe_yaml="method: putri\n", results={},
+                          overwrite=False)
+    ids = calibration(dense, 1, seed=7)
+    torch.testing.assert_close(logits(load_model(str(out)).model, ids), logits(model, ids), rtol=0, atol=1e-5)
