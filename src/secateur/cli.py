@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import sys
 import time
 
@@ -49,7 +50,9 @@ def _add_model_args(parser: argparse.ArgumentParser, *, data: bool = True) -> No
 
 def _add_recipe_args(parser: argparse.ArgumentParser, *, grid: bool) -> None:
     """Recipe fields; a sweep takes comma lists for the grid axes instead of single values."""
-    parser.add_argument("--recipe", default=None, help="YAML file of recipe fields; flags override it")
+    parser.add_argument("--recipe", default=None,
+                        help="YAML file of recipe fields, or an llm-compressor recipe (SparseGPTModifier, "
+                             "WandaPruningModifier, MagnitudePruningModifier); flags override it")
     if grid:
         parser.add_argument("--methods", type=_csv, required=True,
                             help="comma list: magnitude, wanda, stade, sparsegpt, putri, flap, wanda-sp, block-drop")
@@ -103,8 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_recipe_args(p, grid=False)
     _add_eval_args(p)
-    p.add_argument("--out", default=None, help="write the pruned checkpoint, recipe.yaml and results.json here")
+    p.add_argument("--out", default=None,
+                   help="write the pruned checkpoint, recipe.yaml, results.json and a model card (README.md) here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--export-recipe", nargs=2, metavar=("FORMAT", "FILE"), default=None,
+                   help="also write the recipe for another tool: llm-compressor (a SparseGPT, Wanda or magnitude "
+                        "recipe); refused up front where that tool has no counterpart")
 
     e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model under a recorded protocol")
     _add_model_args(e)
@@ -236,7 +243,7 @@ def cmd_prune(args) -> int:
     from secateur.engine.preflight import check_recipe_fits, check_sequence_length
     from secateur.export import check_destination, save_checkpoint
     from secateur.models import load_model
-    from secateur.outputs import check_output_file, write_json_atomic
+    from secateur.outputs import check_output_file, write_json_atomic, write_text_atomic
     from secateur.pipeline import RESULTS_FORMAT, build_results, evaluate_model, loading_quietly
 
     started = time.perf_counter()
@@ -251,6 +258,7 @@ def cmd_prune(args) -> int:
     out = check_destination(args.out, args.overwrite, inputs) if args.out else None
     if args.json:
         check_output_file(args.json, inputs=inputs, inside=out, fmt=RESULTS_FORMAT)
+    export_path = _check_export(args, recipe, inputs, out)
     eval_seqlen = args.eval_seqlen if args.eval_seqlen is not None else recipe.seqlen
     measure = bool(options.datasets or options.tasks)
 
@@ -258,6 +266,10 @@ def cmd_prune(args) -> int:
         loaded = load_model(args.model, dtype=dtype, device="cpu")
     model, tokenizer = loaded.model, loaded.tokenizer
     check_recipe_fits(model, recipe)
+    if export_path is not None:  # what needs the model (its block path, its linears) is refused before pruning too
+        from secateur.interop import BlockLayout, to_llm_compressor
+
+        export_text = to_llm_compressor(recipe, BlockLayout.of(model))
     if recipe.needs_calibration:
         check_sequence_length(model, recipe.seqlen, "--seqlen")
     if options.datasets:
@@ -277,11 +289,37 @@ def cmd_prune(args) -> int:
                             dense=dense, pruned=pruned, device=device, dtype=dtype, started=started)
     if args.out:
         save_checkpoint(model, tokenizer, args.out, recipe_yaml=recipe.to_yaml(), results=results,
-                        overwrite=args.overwrite, inputs=inputs)
+                        overwrite=args.overwrite, inputs=inputs, command=args.invocation)
     if args.json:
         write_json_atomic(args.json, results)
+    if export_path is not None:
+        write_text_atomic(export_path, export_text)
     _summary(results, args.out)
+    if export_path is not None:
+        print(f"llm-compressor recipe written to {args.export_recipe[1]}")
     return 0
+
+
+def _check_export(args, recipe, inputs: dict, out):
+    """--export-recipe FORMAT FILE, checked like every other output before any work: the format,
+    whether the recipe has a counterpart there, and the file (not an input, not inside --out, not
+    --json, not a file secateur did not write). Returns the file's resolved path, or None."""
+    if not args.export_recipe:
+        return None
+    from pathlib import Path
+
+    from secateur.interop import EXPORT_HEADER, FORMAT, check_exportable
+    from secateur.outputs import check_output_text
+
+    fmt, path = args.export_recipe
+    if fmt != FORMAT:
+        raise SecateurError(f"--export-recipe: unknown format {fmt!r}; accepted: {FORMAT}")
+    check_exportable(recipe)
+    target = check_output_text(path, header=EXPORT_HEADER, inputs=inputs, inside=out, flag="--export-recipe",
+                               example="recipe.llm-compressor.yaml")
+    if args.json and target == Path(os.path.abspath(Path(args.json).expanduser())).resolve():
+        raise SecateurError(f"--export-recipe {path!r} is also the --json file; give two different files")
+    return target
 
 
 def _summary(results: dict, out) -> None:
@@ -361,7 +399,7 @@ def cmd_sweep(args) -> int:
         raise SecateurError("sweep writes one record per run to OUT/runs.jsonl; --json is for prune, eval and bench")
     outcome = run_sweep(plan, model_spec=args.model, out_dir=args.out, eval_options=options, base=base,
                         dtype=dtype, save_checkpoints=args.save_checkpoints, speed=args.speed,
-                        data_dir=args.data_dir)
+                        data_dir=args.data_dir, command=args.invocation)
     print(f"sweep: {outcome['done']} runs done, {outcome['skipped']} already done, {len(outcome['failed'])} failed"
           + (f" ({', '.join(outcome['failed'])})" if outcome["failed"] else "") + f"; results in {args.out}")
     return 1 if outcome["failed"] else 0
@@ -421,7 +459,9 @@ def _quiet_transformers() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
+        argv = list(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(argv)
+        args.invocation = shlex.join(["secateur", *argv])  # the exact command, for model cards
         if args.quiet:
             _quiet_transformers()
         commands = {"prune": cmd_prune, "eval": cmd_eval, "sweep": cmd_sweep, "bench": cmd_bench,

@@ -1,6 +1,8 @@
-"""Save a pruned model as a standard Hugging Face checkpoint, atomically.
+"""Save a pruned model as a standard Hugging Face checkpoint, atomically, with its model card.
 
-Everything is written into a staging directory beside the destination and swapped into
+Beside the weights, config and tokenizer go `recipe.yaml`, `results.json` and `README.md`, a
+model card (secateur.model_card) that says what was removed and how to load and evaluate the
+checkpoint. Everything is written into a staging directory beside the destination and swapped into
 place only when complete (secateur.outputs has the rules and the crash guarantees), so a
 failed or interrupted run leaves the previous directory, if any, as it was; an existing
 directory is replaced only with `overwrite=True` and only if secateur wrote it.
@@ -24,18 +26,26 @@ def check_destination(out: str | Path, overwrite: bool, inputs: dict | None = No
 
 
 def save_checkpoint(model, tokenizer, out: str | Path, *, recipe_yaml: str, results: dict, overwrite: bool,
-                    inputs: dict | None = None, within: Path | None = None) -> Path:
+                    inputs: dict | None = None, within: Path | None = None, command: str | None = None) -> Path:
+    """Write the checkpoint to `out`; `command`: the exact command line, for the model card
+    (None from the Python API)."""
+    location = str(out)  # as the user named it: the card's load snippets point there, not at /home/...
     out = check_destination(out, overwrite, inputs, within=within)
+    from secateur.model_card import CARD_FILE, render_model_card
     from secateur.structured import prepare_checkpoint, write_extra_files
 
     with StagedDirectory(out, kind="checkpoint", overwrite=overwrite) as staging:
         # Structurally pruned blocks: a standard config when every block has the same shape,
         # otherwise recorded shapes plus a small modeling file (trust_remote_code=True).
-        prepare_checkpoint(model)
+        standard = prepare_checkpoint(model)
         model.save_pretrained(staging, safe_serialization=True)
         write_extra_files(model, staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         (staging / "recipe.yaml").write_text(recipe_yaml)
         (staging / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        config = json.loads((staging / "config.json").read_text(encoding="utf-8"))
+        card = render_model_card(results, recipe_yaml, location=location, command=command,
+                                 remote_code=not standard, per_layer_config="per_layer_config" in config)
+        (staging / CARD_FILE).write_text(card, encoding="utf-8")  # listed in the manifest like every file here
     return out

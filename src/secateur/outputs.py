@@ -253,24 +253,34 @@ def _family(fmt: str) -> str:
     return fmt.partition("/")[0]
 
 
+def _check_file_location(path: str | Path, inputs: dict | None, inside: Path | None, flag: str,
+                         example: str) -> Path:
+    """What every single-file output must satisfy, whatever its content: not an input, not
+    inside the output directory or any directory secateur manages, its directory exists, its
+    name fits."""
+    shown = str(path)
+    if not shown or shown.endswith(os.sep):
+        raise SecateurError(f"{flag} {shown!r} is not a file path; give a file such as {example}")
+    target = check_not_input(path, inputs or {}, flag)
+    if inside is not None and _within(target, inside):
+        raise SecateurError(f"{flag} {shown!r} lies inside --out, which secateur writes as a whole; "
+                            "give a path outside it")
+    if target.is_dir():
+        raise SecateurError(f"{flag} {shown!r} is a directory; give a file such as {example}")
+    if not target.parent.is_dir():
+        raise SecateurError(f"{flag} {shown!r}: its directory {target.parent} does not exist; create it first")
+    check_not_managed(target, flag, shown)
+    _check_name(target, flag, shown, _FILE_SUFFIX)
+    return target
+
+
 def check_output_file(path: str | Path, *, inputs: dict | None = None, inside: Path | None = None,
                       flag: str = "--json", fmt: str | None = None) -> Path:
     """A JSON output: not an input, not inside the output directory or any directory secateur
     manages, its directory exists and is writable, and an existing file there is one secateur
     wrote, of the same kind (`fmt`, e.g. "secateur-results/1")."""
     shown = str(path)
-    if not shown or shown.endswith(os.sep):
-        raise SecateurError(f"{flag} {shown!r} is not a file path; give a file such as results.json")
-    target = check_not_input(path, inputs or {}, flag)
-    if inside is not None and _within(target, inside):
-        raise SecateurError(f"{flag} {shown!r} lies inside --out, which already holds results.json; "
-                            "give a path outside it")
-    if target.is_dir():
-        raise SecateurError(f"{flag} {shown!r} is a directory; give a file such as results.json")
-    if not target.parent.is_dir():
-        raise SecateurError(f"{flag} {shown!r}: its directory {target.parent} does not exist; create it first")
-    check_not_managed(target, flag, shown)
-    _check_name(target, flag, shown, _FILE_SUFFIX)
+    target = _check_file_location(path, inputs, inside, flag, "results.json")
     if target.exists() or target.is_symlink():
         found = secateur_json_format(target) if target.is_file() else None
         if found is None:
@@ -283,17 +293,44 @@ def check_output_file(path: str | Path, *, inputs: dict | None = None, inside: P
     return target
 
 
+def starts_with_line(path: Path, header: str) -> bool:
+    """Whether a text file's first line begins with `header` (how secateur marks a text output)."""
+    try:
+        with path.open("r", encoding="utf-8") as handle:
+            return handle.readline().startswith(header)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def check_output_text(path: str | Path, *, header: str, inputs: dict | None = None, inside: Path | None = None,
+                      flag: str, example: str) -> Path:
+    """A text output (e.g. an exported recipe) with the rules of a JSON output; an existing file
+    there is replaced only if its first line is secateur's `header`."""
+    shown = str(path)
+    target = _check_file_location(path, inputs, inside, flag, example)
+    if (target.exists() or target.is_symlink()) and not (target.is_file() and starts_with_line(target, header)):
+        raise SecateurError(f"{flag} {shown!r} exists and was not written by secateur; it is not replaced: "
+                            "choose another file")
+    _probe_writable(target.parent, flag, shown)
+    return target
+
+
 # --------------------------------------------------------------------------- writing
 
 
 def write_json_atomic(path: str | Path, data: dict) -> None:
     """Write JSON through a temporary file beside `path`, renamed over it when complete."""
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write text through a temporary file beside `path`, renamed over it when complete."""
     path = Path(path)
     if not path.parent.is_dir():
         raise SecateurError(f"cannot write {str(path)!r}: its directory does not exist")
     tmp = path.with_name(f".{path.name}.{_STAGING}{secrets.token_hex(4)}")
     try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

