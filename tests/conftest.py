@@ -40,3 +40,13 @@ def calib_text_file(tmp_path) -> Path:
     path = tmp_path / "calib.txt"
     path.write_text(SAMPLE_TEXT * 40)
     return path
+
+
+def tiny_model_and_text(root: Path) -> Path:
+    """A saved tiny Llama (root/model) and a calibration text file (root/calib.txt): the inputs
+    of a CLI run on tiny data; returns root."""
+    from tiny_models import save_tiny
+
+    save_tiny("llama", root / "model")
+    (root / "calib.txt").write_text(SAMPLE_TEXT * 40)
+    return root

@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SAMPLE_TEXT
+from conftest import tiny_model_and_text
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_models import save_tiny
 
 from secateur.cli import main
 from secateur.errors import SecateurError
@@ -27,10 +26,7 @@ from secateur.recipe import Recipe
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("inputs")
-    save_tiny("llama", root / "model")
-    (root / "calib.txt").write_text(SAMPLE_TEXT * 40)
-    return root
+    return tiny_model_and_text(tmp_path_factory.mktemp("inputs"))
 
 
 def _prune_command(inputs: Path, out: Path, *extra: str) -> list[str]:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SAMPLE_TEXT
+from conftest import tiny_model_and_text
 from huggingface_hub import ModelCard
-from tiny_models import build_tiny_model, save_tiny, tiny_tokenizer
+from tiny_models import build_tiny_model, tiny_tokenizer
 
 import secateur
 from secateur.cli import main
@@ -22,10 +22,7 @@ from secateur.recipe import Recipe
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cards")
-    save_tiny("llama", root / "model")
-    (root / "calib.txt").write_text(SAMPLE_TEXT * 40)
-    return root
+    return tiny_model_and_text(tmp_path_factory.mktemp("cards"))
 
 
 @pytest.mark.parametrize(("method", "pattern"), [("wanda", "unstructured"), ("sparsegpt", "2:4")])
