@@ -112,25 +112,33 @@ def least_squares_refit(
     C = cross.detach().to(torch.float64)[keep]
     if keep.numel() == 0:
         return C.T.clone()  # (out, 0)
-    diagonal = torch.diagonal(H).clone()
-    mean_diag = diagonal.mean()
-    # A dead input (zero energy) still needs a positive ridge for the factorisation.
-    diagonal = torch.where(diagonal > 0, diagonal, mean_diag if mean_diag > 0 else torch.ones((), dtype=H.dtype))
     if prior is not None and prior.shape != (C.shape[1], keep.numel()):
         raise SecateurError(f"putri: prior must be (out={C.shape[1]}, kept={keep.numel()}), got {tuple(prior.shape)}")
+    for L, factor, diagonal in _ridge_factors(H, damp):
+        rhs = C if prior is None else C + factor * diagonal[:, None] * prior.detach().to(torch.float64).T
+        solution = torch.cholesky_solve(rhs, L)
+        if torch.isfinite(solution).all():
+            return solution.T.contiguous()
+    raise SecateurError(
+        "putri: the kept neurons' Gram matrix is singular (not positive definite even with a large ridge "
+        "· diagonal): use more calibration data or a larger refit_damp"
+    )
+
+
+def _ridge_factors(H: torch.Tensor, damp: float):
+    """Yield (L, λ, D): the lower Cholesky factor of H + λD with D = diag(H), λ = damp, then raised
+    tenfold (from 1e-10 when damp = 0) while the factorisation fails, DAMP_RETRIES times at most.
+    A caller that finds the solve non-finite takes the next, larger λ. A dead input (zero energy)
+    gets the mean diagonal in D, so that it still has a positive ridge."""
+    diagonal = torch.diagonal(H).clone()
+    mean_diag = diagonal.mean()
+    diagonal = torch.where(diagonal > 0, diagonal, mean_diag if mean_diag > 0 else torch.ones((), dtype=H.dtype))
     factor = float(damp)
     for _ in range(DAMP_RETRIES + 1):
         L, info = torch.linalg.cholesky_ex(H + factor * torch.diag(diagonal))
         if info == 0:
-            rhs = C if prior is None else C + factor * diagonal[:, None] * prior.detach().to(torch.float64).T
-            solution = torch.cholesky_solve(rhs, L)
-            if torch.isfinite(solution).all():
-                return solution.T.contiguous()
+            yield L, factor, diagonal
         factor = factor * 10 if factor > 0 else 1e-10
-    raise SecateurError(
-        f"putri: the kept neurons' Gram matrix is singular (not positive definite even with ridge "
-        f"{factor / 10:g} · diagonal): use more calibration data or a larger refit_damp"
-    )
 
 
 def refit_error(gram: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, damp: float = 0.0,
@@ -176,21 +184,14 @@ def nested_refit_errors(gram: torch.Tensor, weight: torch.Tensor, order: torch.T
         return torch.cat([torch.diagonal(suffix), suffix.new_zeros(1)]).clamp_min(0)
     cross = H @ W.T
     total = (cross * W.T).sum()
-    diagonal = torch.diagonal(H).clone()
-    mean_diag = diagonal.mean()
-    diagonal = torch.where(diagonal > 0, diagonal, mean_diag if mean_diag > 0 else torch.ones((), dtype=H.dtype))
-    factor = float(damp)
-    for _ in range(DAMP_RETRIES + 1):
-        L, info = torch.linalg.cholesky_ex(H + factor * torch.diag(diagonal))
-        if info == 0:
-            # Ridge towards the dense columns (see least_squares_refit): the objective's minimum is
-            # T + λ Σ_{j<w} D_jj ‖W_:,j‖² − ‖L⁻¹ b‖² over the prefix, b = H Wᵀ + λ D Wᵀ.
-            penalty = factor * diagonal * W.square().sum(0)
-            Z = torch.linalg.solve_triangular(L, cross + factor * diagonal[:, None] * W.T, upper=False)
-            if torch.isfinite(Z).all():
-                explained = torch.cat([Z.new_zeros(1), (Z.square().sum(1) - penalty).cumsum(0)])
-                return (total - explained).clamp_min(0)
-        factor = factor * 10 if factor > 0 else 1e-10
+    for L, factor, diagonal in _ridge_factors(H, damp):
+        # Ridge towards the dense columns (see least_squares_refit): the objective's minimum is
+        # T + λ Σ_{j<w} D_jj ‖W_:,j‖² − ‖L⁻¹ b‖² over the prefix, b = H Wᵀ + λ D Wᵀ.
+        penalty = factor * diagonal * W.square().sum(0)
+        Z = torch.linalg.solve_triangular(L, cross + factor * diagonal[:, None] * W.T, upper=False)
+        if torch.isfinite(Z).all():
+            explained = torch.cat([Z.new_zeros(1), (Z.square().sum(1) - penalty).cumsum(0)])
+            return (total - explained).clamp_min(0)
     raise SecateurError("putri: the Gram matrix is singular (not positive definite even with a large ridge): "
                         "use more calibration data or a larger refit_damp")
 
@@ -466,8 +467,8 @@ class Putri(StructuredMethod):
             grams.append(stats.gram / stats.count)
         return grams, energies
 
-    def _global_plan(self, session, sparsity: float) -> tuple[list[int], list[int]]:
-        """Per-block FFN widths and KV-group counts for allocation="global" (see the class doc)."""
+    def _global_plan(self, session, sparsity: float) -> tuple[list[int], list[int], list[int]]:
+        """Per-block FFN widths, KV-group counts and blocks to drop for allocation="global" (see the class doc)."""
         adapter = session.adapter
         blocks = adapter.blocks()
         to_remove = round(sparsity * adapter.count_block_params())
