@@ -1,4 +1,5 @@
-"""What both benchmark scripts share: the model/data/evaluation flags and their defaults."""
+"""What the benchmark scripts share: the model/data/evaluation flags and their defaults, evaluation,
+resuming an interrupted grid, and the environment recorded with the numbers."""
 
 from __future__ import annotations
 
@@ -30,6 +31,47 @@ def load_setup(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     loaded = secateur.load(args.model)
-    calib = calibration_windows(loaded.tokenizer, args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
-                                data_dir=args.data_dir)
+    # seed 0 unless the script offers --seed (the older scripts' recorded args have no seed).
+    calib = calibration_windows(loaded.tokenizer, args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+                                seed=getattr(args, "seed", 0), data_dir=args.data_dir)
     return out, args.datasets.split(","), loaded, calib
+
+
+def evaluate_perplexity(model, tokenizer, datasets, args) -> tuple[dict, dict]:
+    """Perplexity of `model` on each dataset under the script's protocol, and each protocol."""
+    from secateur.eval import perplexity
+
+    values, protocols = {}, {}
+    for name in datasets:
+        result = perplexity(model, tokenizer, name, seqlen=args.eval_seqlen, max_windows=args.max_windows,
+                            data_dir=args.data_dir)
+        values[name], protocols[name] = result["perplexity"], result["protocol"]
+    return values, protocols
+
+
+def resumed_rows(path, args, free: tuple[str, ...]) -> list[dict]:
+    """The rows an interrupted run with the same settings left in `path` (JSON with "runs" and
+    "args"); exits if they were made with other settings (apart from the `free` flags)."""
+    import json
+    import sys
+
+    if not path.exists():
+        return []
+    previous = json.loads(path.read_text())
+    same = {k: v for k, v in previous["args"].items() if k not in free}
+    now = {k: v for k, v in vars(args).items() if k not in free}
+    if same != now:
+        sys.exit(f"--resume: {path} was made with other settings: {same}")
+    return previous["runs"]
+
+
+def environment() -> dict:
+    """What the numbers were measured with, recorded next to them."""
+    import platform
+
+    import torch
+
+    import secateur
+
+    return {"torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "secateur": secateur.__version__}

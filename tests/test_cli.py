@@ -89,7 +89,7 @@ BAD_INPUTS = {
     "N equals M": (["--sparsity-type", "4:4"], "0 < N < M"),
     "M does not divide width": (["--sparsity-type", "2:7"], "multiple of 7"),
     "garbage sparsity type": (["--sparsity-type", "half"], "unstructured"),
-    "unknown method": (["--method", "snip"], "accepted: block-drop, flap, magnitude, putri, sparsegpt, stade, wanda"),
+    "unknown method": (["--method", "snip"], "unknown method 'snip'; accepted: alps, block-drop"),
     "unknown allocation": (["--allocation", "random"], "uniform, owl"),
     "owl with N:M": (["--allocation", "owl", "--sparsity-type", "2:4"], "unstructured"),
     "unknown method option": (["--method", "sparsegpt", "--method-option", "blocksze=64"], "blocksze"),

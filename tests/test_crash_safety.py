@@ -66,9 +66,10 @@ def test_kill_after_staging_then_rerun_leaves_one_complete_output(inputs, tmp_pa
     command = _prune_command(inputs, out, "--method", "magnitude")
     _kill_at("staged", command, tmp_path)
     assert not out.exists()
-    assert next(p.name for p in parent.iterdir()).startswith(".pruned.secateur-staging-")  # the killed run's
+    progress, staging = sorted(p.name for p in parent.iterdir())  # the killed run's
+    assert progress == ".pruned.secateur-resume" and staging.startswith(".pruned.secateur-staging-")
 
-    rerun = subprocess.run(command, capture_output=True, text=True, check=False)
+    rerun = subprocess.run([*command, "--resume"], capture_output=True, text=True, check=False)
     assert rerun.returncode == 0, rerun.stderr
     assert "removed .pruned.secateur-staging-" in rerun.stderr  # it says what it cleaned
     assert [p.name for p in parent.iterdir()] == ["pruned"]
@@ -89,6 +90,7 @@ def test_kill_while_replacing_keeps_old_or_new_and_rerun_repairs(inputs, tmp_pat
     # Killed with the new copy complete but before the swap: the old one is still at --out.
     _kill_at("staged", replace, tmp_path, **env)
     assert (out / "results.json").read_text() == old_results
+    replace.append("--resume")  # the killed run's progress is kept for it
     if not exchange:
         # Killed between the two renames: --out is missing for that instant; the old copy is
         # complete under its hidden name, and the next run puts it back before anything else.

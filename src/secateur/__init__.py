@@ -44,13 +44,18 @@ def as_recipe(recipe: Recipe | dict[str, Any] | str | Path | None) -> Recipe:
     return Recipe.from_yaml(recipe)
 
 
-def prune(model, recipe=None, data=None, *, tokenizer=None, device: str = "cpu", data_dir=None, progress=True):
+def prune(model, recipe=None, data=None, *, tokenizer=None, device: str = "cpu", data_dir=None, progress=True,
+          work_dir=None, world=None):
     """Prune `model` in place and return `(model, report)`.
 
     `recipe`: a `Recipe`, a dict of its fields, or a YAML path. `data`: calibration windows as
     a LongTensor (nsamples, seqlen), a `CalibrationData`, a source name or path (needs
     `tokenizer`; drawn with the recipe's nsamples/seqlen/seed), or None to use the recipe's
-    `calib` source (methods that need no data, like magnitude, skip it).
+    `calib` source (methods that need no data, like magnitude, skip it). `work_dir`: a
+    `secateur.engine.workdir.WorkDir` that keeps the run's progress for a resume (the CLI's
+    `prune --out DIR [--resume]` opens one beside DIR). `world`: a joined
+    `secateur.engine.distributed.World` to share the calibration windows with the other
+    torchrun processes (every rank calls `prune` with the same arguments).
     """
     from secateur.data import CalibrationData, calibration_windows
     from secateur.engine import prune_model
@@ -58,11 +63,12 @@ def prune(model, recipe=None, data=None, *, tokenizer=None, device: str = "cpu",
     from secateur.engine.structured import prune_structured
     from secateur.methods import get_method
     from secateur.models import get_adapter
+    from secateur.trim import with_row_allocation
 
     recipe = as_recipe(recipe)
     adapter = get_adapter(model)
     check_recipe_fits(model, recipe, adapter)
-    method = get_method(recipe.method, **recipe.method_options)
+    method = with_row_allocation(get_method(recipe.method, **recipe.method_options), recipe.row_allocation)
     structured = getattr(method, "structured", False)
     input_ids = None
     if recipe.needs_calibration:
@@ -78,7 +84,8 @@ def prune(model, recipe=None, data=None, *, tokenizer=None, device: str = "cpu",
             raise SecateurError(f"calibration input_ids must be (nsamples, seqlen), got shape {tuple(input_ids.shape)}")
         check_sequence_length(model, input_ids.shape[1], "calibration --seqlen", adapter)
     run = prune_structured if structured else prune_model
-    report = run(model, adapter, method, recipe, input_ids, device=device, progress=progress)
+    report = run(model, adapter, method, recipe, input_ids, device=device, progress=progress, work_dir=work_dir,
+                 world=world)
     return model, report
 
 

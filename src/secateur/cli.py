@@ -1,4 +1,4 @@
-"""`secateur prune | eval | sweep | bench | report`: the command line over the Python API.
+"""`secateur prune | eval | sweep | bench | export | report`: the command line over the Python API.
 
 Every `prune` flag that changes what is computed maps 1:1 to a `Recipe` field (dashes
 become underscores); a flag given on the command line overrides the same field of
@@ -21,6 +21,7 @@ from secateur.errors import SecateurError
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
+GGUF_TYPE_CHOICES = ["f32", "f16", "bf16", "q8_0", "q4_0"]  # secateur.gguf_export.GGUF_TYPES, without importing gguf
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
@@ -55,19 +56,21 @@ def _add_recipe_args(parser: argparse.ArgumentParser, *, grid: bool) -> None:
                              "WandaPruningModifier, MagnitudePruningModifier); flags override it")
     if grid:
         parser.add_argument("--methods", type=_csv, required=True,
-                            help="comma list: magnitude, wanda, stade, sparsegpt, putri, flap, wanda-sp, block-drop")
+                            help="comma list: magnitude, wanda, stade, sparsegpt, alps, putri, flap, wanda-sp, "
+                                 "block-drop")
         parser.add_argument("--sparsities", type=_csv, default=["0.3", "0.5", "0.7"],
                             help="comma list of targets in [0, 1) (default 0.3,0.5,0.7)")
         parser.add_argument("--sparsity-type", dest="sparsity_types", type=_csv, default=None,
                             help="comma list: unstructured, 2:4, 4:8 … (default unstructured)")
         parser.add_argument("--allocation", dest="allocations", type=_csv, default=None,
-                            help="comma list: uniform, owl (default uniform)")
+                            help="comma list: uniform, owl, trim, owl+trim (default uniform)")
     else:
-        parser.add_argument("--method", help="magnitude | wanda | stade | sparsegpt (unstructured, N:M); "
+        parser.add_argument("--method", help="magnitude | wanda | stade | sparsegpt | alps (unstructured, N:M); "
                                              "putri | flap | wanda-sp | block-drop (structured). Default wanda")
         parser.add_argument("--sparsity", type=float, help="fraction of weights to remove, in [0, 1) (default 0.5)")
         parser.add_argument("--sparsity-type", help="unstructured | N:M such as 2:4, 4:8 (default unstructured)")
-        parser.add_argument("--allocation", help="uniform | owl (outlier-weighted sparsity per block)")
+        parser.add_argument("--allocation", help="uniform | owl (outlier-weighted sparsity per block) | trim "
+                                                 "(per-row sparsity by output quality) | owl+trim")
     parser.add_argument("--owl-threshold", type=float, help="OWL outlier threshold M (default 5)")
     parser.add_argument("--owl-lambda", type=float, help="OWL spread λ around the target (default 0.08)")
     parser.add_argument("--ignore", action="append", help="glob over blocks.<i>.<linear> to keep dense; repeatable")
@@ -109,9 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="write the pruned checkpoint, recipe.yaml, results.json and a model card (README.md) here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run with the same --out from its last completed block (the "
+                        "same command plus --resume; refused if a setting differs)")
     p.add_argument("--export-recipe", nargs=2, metavar=("FORMAT", "FILE"), default=None,
                    help="also write the recipe for another tool: llm-compressor (a SparseGPT, Wanda or magnitude "
                         "recipe); refused up front where that tool has no counterpart")
+    p.add_argument("--gguf", default=None, metavar="FILE",
+                   help="also write the pruned model as one GGUF file for llama.cpp (see 'secateur export')")
+    p.add_argument("--gguf-type", default=None, choices=GGUF_TYPE_CHOICES,
+                   help="tensor type of --gguf: f32 | f16 | bf16 | q8_0 | q4_0 (default f16)")
 
     e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model under a recorded protocol")
     _add_model_args(e)
@@ -136,6 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded greedily (default 64)")
     b.add_argument("--repeats", type=int, default=5, help="timed runs per model, interleaved (default 5)")
     b.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+
+    x = sub.add_parser("export", help="write a checkpoint as one GGUF file that llama.cpp runs")
+    x.add_argument("model", metavar="DIR", help="the checkpoint directory (also: a .gguf file, hub id or alias)")
+    x.add_argument("--format", required=True, choices=["gguf"], help="output format: gguf")
+    x.add_argument("--out", required=True, help="the .gguf file to write")
+    x.add_argument("--type", default="f16", choices=GGUF_TYPE_CHOICES,
+                   help="tensor type: f32 | f16 | bf16 | q8_0 | q4_0 (default f16; norms and biases stay f32)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing GGUF file that secateur wrote")
+    x.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
 
     r = sub.add_parser("report", help="markdown + HTML report with plots from sweeps and results files")
     r.add_argument("results", nargs="+", metavar="RESULTS",
@@ -238,17 +257,29 @@ def _eval_options(args, datasets: list[str]):
 
 
 def cmd_prune(args) -> int:
-    from secateur import prune as prune_api
     from secateur.data import calibration_windows, check_readable
+    from secateur.engine.distributed import World
     from secateur.engine.preflight import check_recipe_fits, check_sequence_length
     from secateur.export import check_destination, save_checkpoint
     from secateur.models import load_model
     from secateur.outputs import check_output_file, write_json_atomic, write_text_atomic
-    from secateur.pipeline import RESULTS_FORMAT, build_results, evaluate_model, loading_quietly
+    from secateur.pipeline import (
+        RESULTS_FORMAT,
+        build_results,
+        check_resume,
+        evaluate_model,
+        loading_quietly,
+        open_work_dir,
+        prune_keeping_progress,
+    )
 
     started = time.perf_counter()
     recipe = _recipe_from_args(args)
     device, dtype = _resolve_device_dtype(args.device, args.dtype)
+    world = World.from_env()  # torchrun: this process's share of the calibration windows; else one process
+    if world.distributed and args.resume:
+        raise SecateurError("--resume is not supported under torchrun yet: resume the run in one process, "
+                            "or start it again without --resume")
     options = _eval_options(args, args.eval)
     options.check()  # unknown or unreadable datasets, unknown tasks: before the long work starts
     if recipe.needs_calibration:
@@ -256,11 +287,15 @@ def cmd_prune(args) -> int:
     # Every output is checked (not an input, replaceable, writable) before the model is loaded.
     inputs = _inputs(args, recipe.calib, *options.datasets)
     out = check_destination(args.out, args.overwrite, inputs) if args.out else None
+    work_path = check_resume(out, args.resume)  # where the run keeps its progress until the checkpoint is saved
     if args.json:
         check_output_file(args.json, inputs=inputs, inside=out, fmt=RESULTS_FORMAT)
     export_path = _check_export(args, recipe, inputs, out)
+    gguf_path = _check_gguf(args, inputs, out, export_path)
     eval_seqlen = args.eval_seqlen if args.eval_seqlen is not None else recipe.seqlen
-    measure = bool(options.datasets or options.tasks)
+    # Every rank checked the same inputs and outputs; only rank 0 evaluates and writes.
+    device = str(world.init(device))
+    measure = bool(options.datasets or options.tasks) and world.is_main
 
     with loading_quietly(args.model):
         loaded = load_model(args.model, dtype=dtype, device="cpu")
@@ -270,6 +305,10 @@ def cmd_prune(args) -> int:
         from secateur.interop import BlockLayout, to_llm_compressor
 
         export_text = to_llm_compressor(recipe, BlockLayout.of(model))
+    if gguf_path is not None:  # the family, its attention and the tokenizer; shapes are checked after pruning
+        from secateur.gguf_export import check_exportable
+
+        check_exportable(model, tokenizer)
     if recipe.needs_calibration:
         check_sequence_length(model, recipe.seqlen, "--seqlen")
     if options.datasets:
@@ -280,9 +319,16 @@ def cmd_prune(args) -> int:
         calibration = calibration_windows(tokenizer, recipe.calib, nsamples=recipe.nsamples, seqlen=recipe.seqlen,
                                           seed=recipe.seed, data_dir=args.data_dir)
 
+    # No work directory under torchrun: --resume is refused there, and the ranks would share it.
+    work = None if world.distributed else open_work_dir(
+        work_path, resume=args.resume, model_spec=args.model, model=model, source=loaded.source, recipe=recipe,
+        calibration=calibration, dtype=dtype, device=device)
     dense = evaluate_model(model, tokenizer, options, seqlen=eval_seqlen, label="dense") if measure else None
-    model, report = prune_api(model, recipe, calibration, tokenizer=tokenizer, device=device,
-                              progress=not args.quiet)
+    model, report = prune_keeping_progress(model, recipe, calibration, work_dir=work, tokenizer=tokenizer,
+                                           device=device, progress=not args.quiet and world.is_main, world=world)
+    world.close()
+    if not world.is_main:  # the other ranks only shared the calibration work
+        return 0
     model.to("cpu")
     pruned = evaluate_model(model, tokenizer, options, seqlen=eval_seqlen, label="pruned") if measure else None
     results = build_results(model_source=loaded.source, recipe=recipe, report=report, calibration=calibration,
@@ -290,14 +336,55 @@ def cmd_prune(args) -> int:
     if args.out:
         save_checkpoint(model, tokenizer, args.out, recipe_yaml=recipe.to_yaml(), results=results,
                         overwrite=args.overwrite, inputs=inputs, command=args.invocation)
+        if work is not None:
+            work.discard()  # the checkpoint is in place: the progress is no longer needed
     if args.json:
         write_json_atomic(args.json, results)
     if export_path is not None:
         write_text_atomic(export_path, export_text)
+    if gguf_path is not None:
+        written = _write_gguf(model, tokenizer, args.gguf, gguf_type=args.gguf_type or "f16", overwrite=args.overwrite,
+                              recipe_yaml=recipe.to_yaml(), saved=args.out)
     _summary(results, args.out)
     if export_path is not None:
         print(f"llm-compressor recipe written to {args.export_recipe[1]}")
+    if gguf_path is not None:
+        _gguf_summary(written, args.gguf)
     return 0
+
+
+def _check_gguf(args, inputs: dict, out, export_path):
+    """--gguf FILE, checked with the other outputs before any work; returns its resolved path or None."""
+    if not args.gguf:
+        if args.gguf_type:
+            raise SecateurError("--gguf-type needs --gguf FILE")
+        return None
+    from pathlib import Path
+
+    from secateur.gguf_export import check_gguf_destination
+
+    target = check_gguf_destination(args.gguf, overwrite=args.overwrite, inputs=inputs, inside=out, flag="--gguf")
+    others = [Path(os.path.abspath(Path(args.json).expanduser())).resolve()] if args.json else []
+    if target in others or target == export_path:
+        raise SecateurError(f"--gguf {args.gguf!r} is also another output of this command; give a different file")
+    return target
+
+
+def _write_gguf(model, tokenizer, path, *, gguf_type: str, overwrite: bool, recipe_yaml: str | None, saved):
+    from secateur.gguf_export import export_gguf
+
+    try:
+        return export_gguf(model, tokenizer, path, gguf_type=gguf_type, overwrite=overwrite,
+                           name=os.path.splitext(os.path.basename(str(path)))[0], recipe_yaml=recipe_yaml)
+    except SecateurError as error:
+        kept = f"; the checkpoint was saved to {saved}" if saved else ""
+        raise SecateurError(f"{error} (no GGUF written{kept})") from None
+
+
+def _gguf_summary(written, shown) -> None:
+    for note in written.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"GGUF ({written.arch}, {written.gguf_type}) written to {shown}")
 
 
 def _check_export(args, recipe, inputs: dict, out):
@@ -439,6 +526,26 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from pathlib import Path
+
+    from secateur.gguf_export import check_gguf_destination
+    from secateur.models import load_model
+    from secateur.pipeline import loading_quietly
+
+    inputs = _inputs(args)
+    check_gguf_destination(args.out, overwrite=args.overwrite, inputs=inputs)
+    with loading_quietly(args.model):
+        loaded = load_model(args.model, dtype=torch.float32, device="cpu")
+    recipe = Path(args.model) / "recipe.yaml" if args.model else None
+    recipe_yaml = recipe.read_text(encoding="utf-8", errors="replace") if recipe is not None and recipe.is_file() \
+        else None
+    written = _write_gguf(loaded.model, loaded.tokenizer, args.out, gguf_type=args.type, overwrite=args.overwrite,
+                          recipe_yaml=recipe_yaml, saved=None)
+    _gguf_summary(written, args.out)
+    return 0
+
+
 def cmd_report(args) -> int:
     from secateur.report import load_records, write_report
 
@@ -465,13 +572,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.quiet:
             _quiet_transformers()
         commands = {"prune": cmd_prune, "eval": cmd_eval, "sweep": cmd_sweep, "bench": cmd_bench,
-                    "report": cmd_report}
+                    "export": cmd_export, "report": cmd_report}
         return commands[args.command](args)
     except SecateurError as error:
         print(f"secateur: error: {_one_line(str(error))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("secateur: interrupted; partial outputs were removed (finished sweep runs are kept)", file=sys.stderr)
+        print("secateur: interrupted; partial outputs were removed (finished sweep runs are kept, and so is a "
+              "prune --out run's progress: add --resume to continue it)", file=sys.stderr)
         return 130
     except OSError as error:  # the machine, not the input: a full disk, a file system gone read-only
         if os.environ.get("SECATEUR_DEBUG"):

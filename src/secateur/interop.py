@@ -441,6 +441,9 @@ def to_llm_compressor(recipe, layout: BlockLayout | None) -> str:
     if modifier is None:
         raise SecateurError(f"--export-recipe {FORMAT}: llm-compressor has no {recipe.method} (it prunes with "
                             f"{', '.join(_MODIFIER_OF)}); nothing was written")
+    if recipe.row_allocation != "uniform":
+        raise SecateurError(f"--export-recipe {FORMAT}: llm-compressor has no per-row allocation (allocation "
+                            f"{recipe.allocation}); nothing was written")
     fields = _to_magnitude(recipe, layout) if recipe.method == "magnitude" else _to_sparsity_modifier(recipe, layout)
     if layout is None:
         return ""
@@ -462,7 +465,7 @@ def _export_refusal(recipe, why: str) -> SecateurError:
 def _to_sparsity_modifier(recipe, layout: BlockLayout | None) -> dict[str, Any]:
     fields: dict[str, Any] = {"sparsity": recipe.sparsity,
                               "mask_structure": "0:0" if recipe.sparsity_type == "unstructured" else recipe.sparsity_type}
-    if recipe.allocation == "owl":
+    if recipe.block_allocation == "owl":
         if float(recipe.owl_threshold) != int(recipe.owl_threshold):
             raise _export_refusal(recipe, f"owl_threshold {recipe.owl_threshold:g}: llm-compressor's owl_m is an "
                                           "integer")

@@ -43,11 +43,29 @@ def mask_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask.scatter_(-1, order[..., :k], True)
 
 
+def mask_lowest_per_row(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Boolean mask (True = remove) of the `counts[i]` lowest scores of each row i of a 2-D `scores`."""
+    order = torch.argsort(scores, dim=-1, stable=True)
+    ranks = torch.arange(scores.shape[-1], device=scores.device).expand_as(scores)
+    chosen = ranks < counts.to(scores.device).unsqueeze(-1)
+    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, order, chosen)
+
+
+def row_counts_tensor(target: SparsityTarget, rows: int, cols: int) -> torch.Tensor:
+    """The target's per-row removal counts as a tensor, checked against the layer's shape."""
+    counts = torch.tensor(target.row_counts, dtype=torch.long)
+    if counts.shape != (rows,) or bool((counts < 0).any()) or bool((counts > cols).any()):
+        raise SecateurError(f"per-row counts must be {rows} integers in [0, {cols}] for this layer, "
+                            f"got {len(target.row_counts)} in [{int(counts.min())}, {int(counts.max())}]")
+    return counts
+
+
 def prune_mask(scores: torch.Tensor, target: SparsityTarget) -> torch.Tensor:
     """Mask (True = remove) of the lowest `scores` (out, in) of one layer, in the target's groups.
 
     unstructured, scope "row": floor(sparsity · in) per row; scope "layer": floor(sparsity · numel)
-    over the whole matrix; kind "nm": `n` in every run of `m` consecutive input columns of a row.
+    over the whole matrix; with `row_counts` (TRIM), row_counts[i] in row i whatever the scope;
+    kind "nm": `n` in every run of `m` consecutive input columns of a row.
     """
     if scores.dim() != 2:
         raise SecateurError(f"scores must be a 2-D (out, in) matrix, got shape {tuple(scores.shape)}")
@@ -55,6 +73,8 @@ def prune_mask(scores: torch.Tensor, target: SparsityTarget) -> torch.Tensor:
     if target.kind == "unstructured":
         if not 0.0 <= target.sparsity <= 1.0:
             raise SecateurError(f"sparsity must be between 0 and 1, got {target.sparsity}")
+        if target.row_counts is not None:
+            return mask_lowest_per_row(scores, row_counts_tensor(target, rows, cols))
         if target.scope == "row":
             return mask_lowest(scores, count_to_prune(target.sparsity, cols))
         if target.scope == "layer":

@@ -159,7 +159,7 @@ def _removed(results: dict, pattern: str) -> list[str]:
                      "`sparsity_config` (this is not a compressed-tensors checkpoint). The sparsity is recorded "
                      "here and in `results.json`.")
         blocks = results.get("block_sparsity") or []
-        if results.get("allocation") == "owl" and blocks:
+        if "owl" in str(results.get("allocation", "")).split("+") and blocks:  # owl or owl+trim
             lines.append("- Per-block sparsity (OWL): " + ", ".join(f"{s:.3f}" for s in blocks) + ".")
     return lines + [""]
 

@@ -30,6 +30,10 @@ staging directory), so a killed run costs no disk space for long. Leftovers of s
 an old copy is put back when `NAME` is missing and the copy is complete, else removed.
 The swap re-checks `NAME` first: a file the user added to it while the run worked keeps it
 from being replaced, and without `--overwrite` a `NAME` that appeared meanwhile is refused.
+
+`prune --out NAME` keeps its progress in `.NAME.secateur-resume` beside it (`resume_dir`; the
+format is secateur.engine.workdir's) until the checkpoint is in place. Leftover cleanup never
+touches it: it is the only copy of a killed run's work, which `--resume` continues.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from secateur.errors import SecateurError
 MANIFEST = ".secateur-manifest.json"
 MANIFEST_FORMAT = "secateur-output/1"
 _STAGING, _OLD = "secateur-staging-", "secateur-old-"
+_RESUME = "secateur-resume"
 
 
 # --------------------------------------------------------------------------- checks
@@ -205,6 +210,12 @@ def check_output_dir(out: str | Path, *, overwrite: bool, inputs: dict | None = 
     else:
         _probe_writable(target, flag, shown)
     return target
+
+
+def resume_dir(out: str | Path) -> Path:
+    """Where a `prune --out` run keeps its progress until its checkpoint is in place."""
+    target = _resolved(out)
+    return target.parent / f".{target.name}.{_RESUME}"
 
 
 def check_resumable_dir(out: str | Path, *, inputs: dict | None = None, flag: str = "--out") -> Path:

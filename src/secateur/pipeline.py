@@ -1,5 +1,8 @@
 """The steps `prune` and `sweep` share: evaluate a model under the chosen protocol, and
-turn a pruning run into the results record (results.json, one line of a sweep).
+turn a pruning run into the results record (results.json, one line of a sweep); and what
+`prune --out DIR [--resume]` adds around the pruning: the work directory where the run keeps
+its progress (secateur.engine.workdir), the settings a resumed run must share with the run it
+continues, and the removal of that directory once the checkpoint is in place.
 
 Every record carries `"format": RESULTS_FORMAT`, which is how `secateur report` tells our
 files from anything else.
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import platform
 import resource
 import sys
@@ -157,10 +161,107 @@ def build_results(*, model_source: str, recipe, report, calibration, dense: dict
             "dtype": str(dtype).removeprefix("torch."),
         },
         "warnings": report.warnings,
+        "world_size": report.world_size,
         "versions": versions(),
         "recipe": recipe.to_dict(),
     }
+    if report.traffic_bytes is not None:  # torchrun: bytes each rank exchanged, per step
+        results["traffic_bytes"] = report.traffic_bytes
     zero_shot = {label: result["zero_shot"] for label, result in evaluations.items() if result["zero_shot"]}
     if zero_shot:
         results["zero_shot"] = zero_shot
     return results
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def check_resume(out: Path | None, resume: bool) -> Path | None:
+    """Before the model is loaded: the work directory of a `prune --out` run (None without --out),
+    refusing --resume without --out, and a leftover work directory without --resume."""
+    from secateur.engine.workdir import check_work_dir
+    from secateur.errors import SecateurError
+    from secateur.outputs import resume_dir
+
+    if out is None:
+        if resume:
+            raise SecateurError("--resume continues an interrupted `prune --out DIR`; give the same --out DIR")
+        return None
+    work_path = resume_dir(out)
+    check_work_dir(work_path, resume=resume)
+    return work_path
+
+
+def open_work_dir(work_path: Path | None, *, resume: bool, model_spec: str | None, model, source: str, recipe,
+                  calibration, dtype: torch.dtype, device: str):
+    """Create the run's work directory, or with `resume` take up the interrupted run's one if
+    it was made from the same settings (`resume_settings`); None without a work path."""
+    from secateur.engine.workdir import WorkDir
+
+    if work_path is None:
+        return None
+    settings = resume_settings(model_spec, model, source, recipe, calibration, dtype, device)
+    work = WorkDir.open(work_path, settings, resume=resume)
+    if resume:
+        done = (f"taking up {work.resumed_steps} completed steps from {work_path}" if work.resumed_steps
+                else f"nothing to resume in {work_path}; starting from the beginning")
+        print(f"note: {done}", file=sys.stderr)
+    return work
+
+
+def prune_keeping_progress(model, recipe, calibration, *, work_dir, **options):
+    """`secateur.prune` with the run's progress kept in `work_dir`. A refusal of the input on the
+    way (NaN activations, an impossible target) removes it: resuming would fail the same way."""
+    from secateur import prune
+    from secateur.errors import SecateurError
+
+    try:
+        return prune(model, recipe, calibration, work_dir=work_dir, **options)
+    except SecateurError:
+        if work_dir is not None:
+            work_dir.discard()
+        raise
+
+
+def resume_settings(model_spec: str | None, model, source: str, recipe, calibration, dtype: torch.dtype,
+                    device: str) -> dict:
+    """What a run computes from, as a resumed run compares it with the interrupted one: the
+    model and its files (sizes and modification times: hashing billions of weights would cost
+    minutes), the recipe, the calibration windows (their tokens' sha256), dtype, device kind and
+    the versions whose arithmetic could differ. Nested keys read as "recipe sparsity"."""
+    tokens = None
+    if calibration is not None:
+        ids = calibration.input_ids.contiguous()
+        tokens = f"{tuple(ids.shape)} sha256:{hashlib.sha256(ids.numpy().tobytes()).hexdigest()}"
+    found = versions()
+    return {
+        "model": source,
+        "model file": _model_file_stamps(model_spec, model),
+        "recipe": recipe.to_dict(),
+        "calibration windows": tokens,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": torch.device(device).type,
+        "version": {name: found[name] for name in ("secateur", "torch", "transformers")},
+    }
+
+
+def _model_file_stamps(spec: str | None, model) -> dict:
+    """Size and modification time of every file the model was loaded from (for a hub id: the
+    revision it resolved to)."""
+    from secateur.models.loading import ALIASES, DEFAULT_MODEL
+
+    spec = spec or DEFAULT_MODEL
+    if spec in ALIASES:
+        files = {(path := ALIASES[spec].locate()).name: path}
+    elif (path := Path(spec).expanduser()).is_file():
+        files = {path.name: path}
+    elif path.is_dir():
+        files = {child.relative_to(path).as_posix(): child for child in sorted(path.rglob("*")) if child.is_file()}
+    else:
+        return {"revision": getattr(model.config, "_commit_hash", None)}
+    stamps = {}
+    for name, child in files.items():
+        stat = child.stat()
+        modified = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(stat.st_mtime_ns // 10**9))
+        stamps[name] = f"{stat.st_size} bytes, modified {modified}.{stat.st_mtime_ns % 10**9:09d}Z"
+    return stamps

@@ -21,7 +21,8 @@ from secateur.allocation import OWL_MAX_SPARSITY
 from secateur.errors import SecateurError
 from secateur.methods.base import SparsityTarget
 
-ALLOCATIONS = ("uniform", "owl")
+# Per-block (OWL) and per-row (TRIM, secateur.trim) allocations; "owl+trim" does both.
+ALLOCATIONS = ("uniform", "owl", "trim", "owl+trim")
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -70,7 +71,7 @@ SCHEMA: dict[str, tuple] = {
     "method": (lambda v: isinstance(v, str), "a method name (string)"),
     "sparsity": (_is_number, "a number in [0, 1)"),
     "sparsity_type": (lambda v: isinstance(v, str), "a string: unstructured, or N:M quoted as '2:4'"),
-    "allocation": (lambda v: isinstance(v, str), "a string: uniform or owl"),
+    "allocation": (lambda v: isinstance(v, str), "a string: uniform, owl, trim or owl+trim"),
     "owl_threshold": (_is_number, "a number > 0"),
     "owl_lambda": (_is_number, "a number >= 0"),
     "ignore": (_is_patterns, "a list of glob strings such as 'blocks.0.*'"),
@@ -99,7 +100,7 @@ class Recipe:
     method: str = "wanda"
     sparsity: float = 0.5  # fraction of weights removed (for N:M it is implied by N/M)
     sparsity_type: str = "unstructured"  # "unstructured" or "N:M", e.g. "2:4"
-    allocation: str = "uniform"  # "uniform" or "owl" (outlier-weighted per-block sparsity)
+    allocation: str = "uniform"  # "uniform", "owl" (per-block), "trim" (per-row) or "owl+trim"
     owl_threshold: float = 5.0  # OWL's M: a score is an outlier above M × the block's mean score
     owl_lambda: float = 0.08  # OWL's λ: per-block sparsities spread over [s − λ, s + λ]
     ignore: tuple[str, ...] = ()  # glob patterns over "blocks.<i>.<linear name>" left dense
@@ -119,7 +120,7 @@ class Recipe:
         if structured and (self.sparsity_type != "unstructured" or self.allocation != "uniform"):
             raise SecateurError(
                 f"{self.method} is structured: --sparsity is the fraction of decoder-block parameters removed; "
-                "--sparsity-type and --allocation owl apply to unstructured methods only"
+                "--sparsity-type and --allocation apply to unstructured methods only"
             )
         if structured and self.ignore:
             raise SecateurError(f"{self.method} is structured and removes whole units across the model; --ignore "
@@ -129,11 +130,12 @@ class Recipe:
         self.target()  # validates sparsity_type
         if self.allocation not in ALLOCATIONS:
             raise SecateurError(f"unknown allocation {self.allocation!r}; accepted: {', '.join(ALLOCATIONS)}")
-        if self.allocation == "owl" and self.sparsity_type != "unstructured":
-            raise SecateurError("--allocation owl works with unstructured sparsity only (N:M fixes the ratio)")
+        if self.allocation != "uniform" and self.sparsity_type != "unstructured":
+            raise SecateurError(f"--allocation {self.allocation} works with unstructured sparsity only (N:M fixes "
+                                "the ratio of every group); use --allocation uniform")
         if not (self.owl_lambda >= 0 and self.owl_threshold > 0):
             raise SecateurError("owl_lambda must be >= 0 and owl_threshold > 0")
-        if self.allocation == "owl" and not (self.sparsity - self.owl_lambda >= 0
+        if self.block_allocation == "owl" and not (self.sparsity - self.owl_lambda >= 0
                                              and self.sparsity + self.owl_lambda <= OWL_MAX_SPARSITY):
             raise SecateurError(
                 f"OWL spreads block sparsities over [s - λ, s + λ] = [{self.sparsity - self.owl_lambda:g}, "
@@ -161,17 +163,27 @@ class Recipe:
         return SparsityTarget.n_m(n, m)
 
     @property
+    def block_allocation(self) -> str:
+        """How sparsity is spread over blocks: "owl" (also in "owl+trim") or "uniform"."""
+        return "owl" if "owl" in self.allocation.split("+") else "uniform"
+
+    @property
+    def row_allocation(self) -> str:
+        """How a layer's sparsity is spread over its rows: "trim" (also in "owl+trim") or "uniform"."""
+        return "trim" if "trim" in self.allocation.split("+") else "uniform"
+
+    @property
     def nominal_sparsity(self) -> float:
         return self.target().sparsity
 
     @property
     def needs_calibration(self) -> bool:
         """Whether pruning reads calibration data: every structured method, every method that
-        gathers statistics, and OWL (its outlier survey), whatever the method."""
+        gathers statistics, OWL (its outlier survey) and TRIM (its Gram matrix), whatever the method."""
         from secateur.methods.base import get_method
 
         method = get_method(self.method, **self.method_options)
-        return getattr(method, "structured", False) or bool(method.needs) or self.allocation == "owl"
+        return getattr(method, "structured", False) or bool(method.needs) or self.allocation != "uniform"
 
     # --- YAML -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -174,8 +174,9 @@ def series_label(record: dict, *, with_model: bool = False) -> str:
     sparsity_type = _field(record, "sparsity_type") or "unstructured"
     if sparsity_type != "unstructured":
         parts.append(str(sparsity_type))
-    if _field(record, "allocation") == "owl":
-        parts.append("+owl")
+    allocation = _field(record, "allocation") or "uniform"
+    if allocation != "uniform":  # +owl, +trim, +owl+trim
+        parts.append(f"+{allocation}")
     label = " ".join(parts)
     return f"{record.get('model')}: {label}" if with_model else label
 

@@ -99,8 +99,8 @@ def plan_grid(methods: list[str], sparsities: list[float], sparsity_types: list[
                 if structured[method] and (kind != "unstructured" or allocation != "uniform"):
                     notes.append(f"{method} is structured: skipped at {kind}/{allocation}")
                     continue
-                if kind != "unstructured" and allocation == "owl":
-                    notes.append(f"{method} {kind}: skipped with owl (N:M fixes every block's ratio)")
+                if kind != "unstructured" and allocation != "uniform":
+                    notes.append(f"{method} {kind}: skipped with {allocation} (N:M fixes every group's ratio)")
                     continue
                 for sparsity in sparsities if kind == "unstructured" else [0.0]:
                     fields = {**base, "method": method, "sparsity_type": kind, "allocation": allocation,

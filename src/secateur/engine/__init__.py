@@ -1,6 +1,7 @@
-"""The sequential engine: block by block, one block on the compute device."""
+"""The engine: block by block, one block on the compute device, through one `BlockSession`."""
 
 from secateur.engine.capture import BlockCall, capture_block_inputs, run_block
-from secateur.engine.sequential import PruneReport, prune_model
+from secateur.engine.sequential import prune_model
+from secateur.engine.session import BlockSession, PruneReport
 
-__all__ = ["BlockCall", "PruneReport", "capture_block_inputs", "prune_model", "run_block"]
+__all__ = ["BlockCall", "BlockSession", "PruneReport", "capture_block_inputs", "prune_model", "run_block"]

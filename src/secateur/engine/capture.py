@@ -83,11 +83,16 @@ def capture_block_inputs(
             calls.append(BlockCall(args, kwargs))
     finally:
         adapter.set_blocks(blocks)
-        if str(device) != "cpu":
+        if off_cpu(device):
             base.to("cpu")
     # Positional arguments after the hidden states can hold a cache object (GPT-2 passes
     # past_key_values positionally); with use_cache=False it is None, which is what we want.
     return inputs, calls
+
+
+def off_cpu(device: torch.device | str) -> bool:
+    """Whether `device` is an accelerator, so that what was moved there is parked on the CPU after use."""
+    return torch.device(device).type != "cpu"
 
 
 def run_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:

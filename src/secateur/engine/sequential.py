@@ -1,4 +1,4 @@
-"""Prune a model block by block, as the reference methods do.
+"""Prune a model block by block, as the reference methods do: a short loop over a `BlockSession`.
 
 For each decoder block, in order:
   1. forward hooks on its targeted linears gather the statistics the method needs,
@@ -9,77 +9,33 @@ For each decoder block, in order:
 
 The engine knows no method (it asks `method.needs` and calls `method.prune`, passing the
 adapter's role of the layer to the methods that ask for it) and no architecture (it asks
-the adapter). Only the current block is moved to the compute device; activations stay on
-`storage` (the CPU by default).
+the adapter). Capture, statistics, advancing, device parking, timing and resume are the
+session's (`engine/session.py`); each block is one resumable step ("prune/<index>") whose
+state is the block's pruned weights and biases.
 
 OWL needs every block's outlier ratio before the first block is pruned, so with
-`allocation: owl` a first, dense pass over all blocks gathers Wanda scores.
+`allocation: owl` (or `owl+trim`) a first, dense pass over all blocks gathers Wanda scores (steps "owl/<index>").
 """
 
 from __future__ import annotations
 
 import fnmatch
 import time
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from secateur.allocation import OWL_NEEDS, block_outlier_ratio, owl_sparsities
-from secateur.engine.capture import BlockCall, capture_block_inputs, run_block
 from secateur.engine.memory import PeakMemory
+from secateur.engine.session import BlockSession, PruneReport
 from secateur.errors import SecateurError
 from secateur.methods.base import LayerInfo, Method, SparsityTarget, prune_layer
 from secateur.models.base import Adapter, LinearView
 from secateur.recipe import Recipe
-from secateur.stats import OUTPUT_STATISTICS, LinearStats
+from secateur.stats import LinearStats
 
-
-@dataclass
-class PruneReport:
-    layers: list[dict] = field(default_factory=list)  # name, shape, sparsity, (bias_compensation)
-    block_sparsity: list[float] = field(default_factory=list)  # target per block
-    owl_outlier_ratios: list[float] | None = None
-    timings_s: dict[str, float] = field(default_factory=dict)
-    memory_mb: dict = field(default_factory=dict)  # peak RSS of the pruning phase (and CUDA peak)
-    warnings: list[str] = field(default_factory=list)
-    # Structured methods: parameters before/after, per-block shapes, removed blocks.
-    structure: dict | None = None
-
-    @property
-    def sparsity_achieved(self) -> float:
-        if self.structure is not None:  # fraction of the decoder blocks' parameters removed
-            return 1.0 - self.structure["params_after"] / self.structure["params_before"]
-        zeros = sum(layer["zeros"] for layer in self.layers)
-        total = sum(layer["params"] for layer in self.layers)
-        return zeros / total if total else 0.0
-
-
-class _Timer:
-    """Accumulates wall time per phase; synchronises CUDA so GPU work is not misattributed."""
-
-    def __init__(self, device: torch.device | str):
-        self.cuda = torch.device(device).type == "cuda"
-        self.totals: dict[str, float] = {}
-
-    def phase(self, name: str):
-        timer = self
-
-        class _Phase:
-            def __enter__(self):
-                timer._sync()
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer._sync()
-                timer.totals[name] = timer.totals.get(name, 0.0) + time.perf_counter() - self.start
-
-        return _Phase()
-
-    def _sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
+__all__ = ["PruneReport", "prune_model", "targeted_linears"]
 
 
 def targeted_linears(adapter: Adapter, block: nn.Module, index: int, ignore: tuple[str, ...]) -> dict[str, LinearView]:
@@ -96,102 +52,6 @@ def targeted_linears(adapter: Adapter, block: nn.Module, index: int, ignore: tup
     }
 
 
-class SharedInputStats:
-    """Hooks that feed each linear's `LinearStats`, computing each statistic once per input.
-
-    q/k/v (and gate/up) receive the very same input tensor; their statistics are identical,
-    and for SparseGPT's XᵀX computing them once instead of three times is most of the cost.
-    Layers are matched by tensor identity (not address, which can be reused after a free).
-    """
-
-    def __init__(self, views: dict[str, LinearView], needs: frozenset[str]):
-        self.stats: dict[str, LinearStats] = {}
-        self.owner: dict[str, str] = {}  # layer -> layer whose statistics it shares
-        self._seen: list[tuple[torch.Tensor, str]] = []
-        self._needs = needs
-        self._handles = [
-            view.module.register_forward_hook(lambda _m, inputs, out, name=name: self._hook(name, inputs[0], out))
-            for name, view in views.items()
-        ]
-
-    def _hook(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        if name not in self.owner:  # first window: find who, if anyone, saw this tensor already
-            # Output statistics differ per layer even for a shared input: never share those.
-            shared = None if self._needs & OUTPUT_STATISTICS else next(
-                (owner for seen, owner in self._seen if seen is x), None)
-            self.owner[name] = shared or name
-            if shared is None:
-                self.stats[name] = LinearStats(x.shape[-1], self._needs)
-        self._seen.append((x, name))
-        if self.owner[name] == name:
-            self.stats[name].update(x, y)
-
-    def end_window(self) -> None:
-        self._seen.clear()
-
-    def close(self) -> dict[str, LinearStats]:
-        for handle in self._handles:
-            handle.remove()
-        return {name: self.stats[owner] for name, owner in self.owner.items()}
-
-
-@torch.no_grad()
-def _gather_stats(
-    block: nn.Module,
-    views: dict[str, LinearView],
-    needs: frozenset[str],
-    hidden: list[torch.Tensor],
-    call: BlockCall,
-    device,
-    replace_with_outputs: bool,
-) -> dict[str, LinearStats]:
-    """One pass of `block` over every window with hooks feeding `LinearStats`.
-
-    With `replace_with_outputs`, each window's input is replaced by the block's output as we go
-    (the pass then doubles as the forward to the next block; memory stays at one copy)."""
-    gatherer = SharedInputStats(views, needs)
-    try:
-        for index, x in enumerate(hidden):
-            out = run_block(block, x.to(device), call)
-            gatherer.end_window()
-            if replace_with_outputs:
-                hidden[index] = out.to(x.device)
-    finally:
-        stats = gatherer.close()
-    missing = sorted(set(views) - set(stats))
-    if missing:
-        raise SecateurError(f"layers {missing} were never called by their block; the adapter lists wrong layers")
-    return stats
-
-
-@torch.no_grad()
-def _forward_all(block, hidden: list[torch.Tensor], call: BlockCall, device, index: int) -> None:
-    """Replace every window's input by the block's output, one window at a time (one copy in memory)."""
-    for position, x in enumerate(hidden):
-        out = run_block(block, x.to(device), call).to(x.device)
-        if not torch.isfinite(out).all():
-            raise SecateurError(
-                f"block {index} produced NaN or Inf activations on the calibration text; "
-                "use --dtype float32, or check the model and the calibration data"
-            )
-        hidden[position] = out
-
-
-def _owl_ratios(adapter, blocks, hidden, calls, recipe, device, bar) -> list[float]:
-    """Dense pass: each block's fraction of outlier Wanda scores (OWL's layerwise outlier distribution)."""
-    ratios = []
-    for index, block in enumerate(blocks):
-        block.to(device)
-        views = targeted_linears(adapter, block, index, recipe.ignore)
-        stats = _gather_stats(block, views, OWL_NEEDS, hidden, calls[index], device, True)
-        layers = [(view.get_weight().float(), stats[name]) for name, view in views.items()]
-        ratios.append(block_outlier_ratio(layers, recipe.owl_threshold) if layers else 0.0)
-        if str(device) != "cpu":
-            block.to("cpu")
-        bar.update(1)
-    return ratios
-
-
 def prune_model(
     model: nn.Module,
     adapter: Adapter,
@@ -201,76 +61,103 @@ def prune_model(
     *,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    work_dir=None,
+    world=None,
 ) -> PruneReport:
     """Prune `model` in place following `recipe`; return what was done, how long it took and
-    the peak memory of the pruning phase."""
+    the peak memory of the pruning phase. `work_dir` (`engine.workdir.WorkDir`): keep each
+    completed block there, and take up the blocks an interrupted run completed. `world`: this
+    process's `engine.distributed.World` under torchrun (see `BlockSession`: every rank prunes
+    every layer from the all-reduced statistics)."""
     with PeakMemory(device) as memory:
-        report = _prune_model(model, adapter, method, recipe, input_ids, device=device, progress=progress)
+        report = _prune_model(model, adapter, method, recipe, input_ids, device=device, progress=progress,
+                              work_dir=work_dir, world=world)
     report.memory_mb = memory.result()
     return report
 
 
-def _prune_model(model, adapter, method, recipe, input_ids, *, device, progress) -> PruneReport:
-    report = PruneReport()
-    timer = _Timer(device)
+def _prune_model(model, adapter, method, recipe, input_ids, *, device, progress, work_dir, world) -> PruneReport:
     start = time.perf_counter()
+    session = BlockSession(model, adapter, input_ids, device=device, progress=progress, work_dir=work_dir,
+                           world=world)
+    report = PruneReport(warnings=session.warnings)
     blocks = adapter.blocks()
-    module_names = {module: name for name, module in model.named_modules()}
-    needs_data = bool(method.needs) or recipe.allocation == "owl"
+    needs_data = bool(method.needs) or recipe.block_allocation == "owl"
     if needs_data and input_ids is None:
         raise SecateurError(f"method {recipe.method!r} needs calibration data; give --calib")
 
     target = recipe.target()
     for index, block in enumerate(blocks):  # refuse an impossible N:M before any work
         for view in targeted_linears(adapter, block, index, recipe.ignore).values():
-            target.check_layer(view.in_features, module_names[view.module])
-
-    hidden: list[torch.Tensor] = []
-    calls: list[BlockCall] = []
-    if needs_data:
-        with timer.phase("capture"):
-            hidden, calls = capture_block_inputs(adapter, input_ids, device)
+            target.check_layer(view.in_features, session.layer_name(view))
 
     sparsities = [recipe.sparsity] * len(blocks)
-    if recipe.allocation == "owl":
-        with timer.phase("owl_survey"), tqdm(total=len(blocks), desc="OWL outliers", disable=not progress) as bar:
-            report.owl_outlier_ratios = _owl_ratios(adapter, blocks, hidden, calls, recipe, device, bar)
+    if recipe.block_allocation == "owl":
+        with session.phase("owl_survey"), tqdm(total=len(blocks), desc="OWL outliers", disable=not progress) as bar:
+            report.owl_outlier_ratios = _owl_ratios(session, recipe, bar)
         sparsities = owl_sparsities(report.owl_outlier_ratios, recipe.sparsity, recipe.owl_lambda)
-        with timer.phase("capture"):
-            hidden, calls = capture_block_inputs(adapter, input_ids, device)
     report.block_sparsity = [recipe.target(s).sparsity for s in sparsities]
 
+    if needs_data:
+        session.start_pass()
     with tqdm(total=len(blocks), desc=f"{recipe.method} blocks", unit="block", disable=not progress) as bar:
-        for index, block in enumerate(blocks):
-            block.to(device)
-            views = targeted_linears(adapter, block, index, recipe.ignore)
-            target = recipe.target(sparsities[index])
-
-            stats: dict[str, LinearStats] = {}
-            if method.needs:
-                with timer.phase("calibration_forward"):
-                    stats = _gather_stats(block, views, method.needs, hidden, calls[index], device, False)
-                for name in views:
-                    stats[name].check_finite(module_names[views[name].module])
-            with timer.phase("pruning"):
-                for name, view in views.items():
-                    _prune_linear(adapter, block, name, view, method, stats.get(name), target, report, module_names)
-            if needs_data and index + 1 < len(blocks):
-                with timer.phase("calibration_forward"):
-                    _forward_all(block, hidden, calls[index], device, index)
-            if str(device) != "cpu":
-                block.to("cpu")
+        for index in range(len(blocks)):
+            step = f"prune/{index}"
+            saved = session.replay(step)
+            if saved is not None:  # completed by the interrupted run this one resumes
+                with session.block(index) as block:
+                    _restore_block(adapter, block, saved.tensors)
+                report.layers.extend(saved.meta["layers"])
+                bar.update(1)
+                continue
+            with session.block(index) as block:
+                views = targeted_linears(adapter, block, index, recipe.ignore)
+                target = recipe.target(sparsities[index])
+                stats: dict[str, LinearStats] = {}
+                if method.needs:
+                    stats = session.gather(index, views, method.needs)
+                with session.phase("pruning"):
+                    layers = [_prune_linear(session, block, name, view, method, stats.get(name), target)
+                              for name, view in views.items()]
+                if needs_data and index + 1 < len(blocks):
+                    session.advance(index)
+                session.complete(step, _block_state(adapter, block, views), {"layers": layers})
+            report.layers.extend(layers)
             bar.update(1)
 
-    report.timings_s = {k: round(v, 3) for k, v in timer.totals.items()}
-    report.timings_s.setdefault("calibration_forward", 0.0)
+    report.timings_s = session.timings_s(start)
     report.timings_s.setdefault("pruning", 0.0)
-    report.timings_s["total"] = round(time.perf_counter() - start, 3)
+    session.describe_world(report)
     return report
 
 
-def _prune_linear(adapter, block, name, view, method, stats, target: SparsityTarget, report, module_names):
-    full_name = module_names[view.module]
+def _owl_ratios(session: BlockSession, recipe: Recipe, bar) -> list[float]:
+    """Dense pass: each block's fraction of outlier Wanda scores (OWL's layerwise outlier distribution)."""
+    adapter = session.adapter
+    count = len(adapter.blocks())
+    session.start_pass()
+    ratios = []
+    for index in range(count):
+        step = f"owl/{index}"
+        saved = session.replay(step)
+        if saved is None:
+            with session.block(index) as block:
+                views = targeted_linears(adapter, block, index, recipe.ignore)
+                stats = session.gather(index, views, OWL_NEEDS, advance=index + 1 < count)
+                layers = [(view.get_weight().float(), stats[name]) for name, view in views.items()]
+                ratio = block_outlier_ratio(layers, recipe.owl_threshold) if layers else 0.0
+            session.complete(step, meta={"ratio": ratio})
+        else:
+            ratio = saved.meta["ratio"]
+        ratios.append(ratio)
+        bar.update(1)
+    return ratios
+
+
+def _prune_linear(session: BlockSession, block, name, view, method, stats, target: SparsityTarget) -> dict:
+    """Prune one linear in place; returns its entry of the report."""
+    adapter = session.adapter
+    full_name = session.layer_name(view)
     weight = view.get_weight().float()
     bias = view.get_bias()
     layer = LayerInfo(role=adapter.layer_role(name))
@@ -284,9 +171,33 @@ def _prune_linear(adapter, block, name, view, method, stats, target: SparsityTar
             entry["bias_updated"] = True
         else:
             message = f"{full_name}: the architecture cannot hold a bias here; bias compensation skipped"
-            if message not in report.warnings:
-                report.warnings.append(message)
+            if message not in session.warnings:
+                session.warnings.append(message)
     zeros = int((view.get_weight() == 0).sum())
     params = view.out_features * view.in_features
     entry.update(zeros=zeros, params=params, sparsity=round(zeros / params, 6))
-    report.layers.append(entry)
+    return entry
+
+
+def _block_state(adapter: Adapter, block: nn.Module, views: dict[str, LinearView]) -> dict[str, torch.Tensor]:
+    """The pruned linears' weights and biases, as stored (the step a resumed run restores)."""
+    state = {}
+    for name, view in adapter.linears(block).items():
+        if name in views:
+            state[f"{name}.weight"] = view.get_weight()
+            if view.get_bias() is not None:
+                state[f"{name}.bias"] = view.get_bias()
+    return state
+
+
+def _restore_block(adapter: Adapter, block: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put back what `_block_state` saved, with the biases bias compensation gave layers that had none."""
+    for name in adapter.linears(block):
+        if f"{name}.weight" not in state:
+            continue
+        if f"{name}.bias" in state:
+            adapter.ensure_bias(block, name)
+        view = adapter.linears(block)[name]
+        view.set_weight(state[f"{name}.weight"])
+        if f"{name}.bias" in state:
+            view.set_bias(state[f"{name}.bias"])

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from secateur.data.sources import load_documents
 from secateur.data.windows import encode, special_tokens_added
 from secateur.errors import SecateurError
+from secateur.models.streaming import StreamedModel
 
 # How each dataset's documents become one text: C4 documents are joined with a space
 # (the reference joins validation documents that way); others with a blank line.
@@ -40,7 +41,8 @@ def perplexity(
 ) -> dict:
     """{"perplexity": float, "protocol": {...}} of `model` on the evaluation split of `dataset`.
 
-    The model must already sit on `device`; each window's input ids are sent there.
+    The model must already sit on `device`; each window's input ids are sent there. A
+    `StreamedModel` is scored block by block, each block brought to `device` in turn.
     """
     if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
         raise SecateurError(f"seqlen must be an integer >= 2, got {seqlen!r}")
@@ -58,7 +60,12 @@ def perplexity(
     used = min(available, WINDOW_CAP.get(dataset, available), max_windows or available)
     windows = torch.tensor(ids[: used * seqlen], dtype=torch.long).view(used, seqlen)
 
-    total_nll, scored = _score(model, windows, device, progress)
+    if isinstance(model, StreamedModel):  # one block in memory at a time (secateur.eval.streamed)
+        from secateur.eval.streamed import score_streamed
+
+        total_nll, scored = score_streamed(model, windows, device, progress)
+    else:
+        total_nll, scored = _score(model, windows, device, progress)
     if not math.isfinite(total_nll):
         raise SecateurError(
             f"perplexity on '{dataset}' is not finite (summed NLL = {total_nll}): the model produced "

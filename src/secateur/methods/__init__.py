@@ -1,6 +1,18 @@
 """Pruning methods, one file each; importing this package registers them all."""
 
-from secateur.methods import block_drop, flap, magnitude, putri, sparsegpt, stade, wanda, wanda_sp  # noqa: F401
+from secateur.methods import (  # noqa: F401
+    alps,
+    block_drop,
+    dsnot,
+    flap,
+    magnitude,
+    putri,
+    ria,
+    sparsegpt,
+    stade,
+    wanda,
+    wanda_sp,
+)
 from secateur.methods.base import (
     METHODS,
     Method,

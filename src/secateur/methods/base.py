@@ -10,6 +10,10 @@ It knows no architecture, no module, no block: the engine and adapters do that. 
 that treats layers differently by their role in the block (STADE's `layers=out`) sets
 `takes_layer_info = True` and receives a `LayerInfo` as keyword `layer`; the others keep the
 four-argument `prune` and never see it (`prune_layer` is the engine's one call site).
+
+Any per-layer method also accepts the option `refine=<refiner>` (e.g. `refine=dsnot`): a
+refiner improves the mask the method chose, given the dense weight and the statistics it asks
+for. `get_method` then returns a `RefinedMethod`, which the engine sees as one more method.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ class SparsityTarget:
     kind "unstructured": remove floor(sparsity · group size) weights in each group, the
     group being one output row (scope "row") or the whole matrix (scope "layer").
     kind "nm": in every run of `m` consecutive input columns of a row, remove `n`.
+    `row_counts` (unstructured only; TRIM's per-row allocation, secateur.trim) overrides both
+    scopes: row i loses exactly row_counts[i] weights.
     """
 
     kind: str  # "unstructured" | "nm"
@@ -38,6 +44,7 @@ class SparsityTarget:
     n: int = 0
     m: int = 0
     scope: str = "row"  # "row" | "layer" (unstructured only)
+    row_counts: tuple[int, ...] | None = None  # weights to remove in each output row
 
     @staticmethod
     def unstructured(sparsity: float, scope: str = "row") -> SparsityTarget:
@@ -75,6 +82,63 @@ class Method(Protocol):
     def prune(
         self, weight: torch.Tensor, bias: torch.Tensor | None, stats: LinearStats, target: SparsityTarget
     ) -> PruneResult: ...
+
+
+class Refiner(Protocol):
+    """Improves a method's mask on one layer (DSnoT): `result` is what the method returned for
+    the dense `weight` and `bias`; the refined result keeps the target's sparsity and groups."""
+
+    needs: frozenset[str]
+
+    def refine(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, result: PruneResult, stats: LinearStats,
+        target: SparsityTarget,
+    ) -> PruneResult: ...
+
+
+REFINE_OPTION = "refine"
+REFINERS: dict[str, Refiner] = {}  # filled by the modules that define them (register_refiner)
+
+
+def register_refiner(name: str, refiner: Refiner) -> None:
+    """Make `refiner` available to every per-layer method as option `refine=<name>`."""
+    REFINERS[name] = refiner
+
+
+@dataclass(frozen=True)
+class MethodWrapper:
+    """A per-layer method with something done around it (a refiner of its mask): to the engine,
+    one more method, named as the method and needing its statistics plus `extra_needs`."""
+
+    method: Method
+    takes_layer_info: ClassVar[bool] = True  # passed on to the method that asks for it
+
+    @property
+    def name(self) -> str:
+        return self.method.name
+
+    @property
+    def extra_needs(self) -> frozenset[str]:
+        return frozenset()
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return self.method.needs | self.extra_needs
+
+
+@dataclass(frozen=True)
+class RefinedMethod(MethodWrapper):
+    """A per-layer method followed by a refiner of its mask (`refine=<name>`)."""
+
+    refiner: str = ""
+
+    @property
+    def extra_needs(self) -> frozenset[str]:
+        return REFINERS[self.refiner].needs
+
+    def prune(self, weight, bias, stats, target, layer: LayerInfo | None = None) -> PruneResult:
+        result = prune_layer(self.method, weight, bias, stats, target, layer)
+        return REFINERS[self.refiner].refine(weight, bias, result, stats, target)
 
 
 def prune_layer(
@@ -124,7 +188,23 @@ def _method_class(name: str) -> type:
 def method_option_names(name: str) -> set[str]:
     """The recipe parameters (`--method-option KEY=VALUE`) that method `name` accepts."""
     cls = _method_class(name)
-    return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    return set(_option_fields(cls)) | ({REFINE_OPTION} if not getattr(cls, "structured", False) else set())
+
+
+def _option_fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+
+
+def _refined(name: str, method: Method, refiner) -> RefinedMethod:
+    if not isinstance(refiner, str) or refiner not in REFINERS:
+        raise SecateurError(f"option refine={refiner!r} of method {name!r} is not a refiner; accepted: "
+                            f"{', '.join(sorted(REFINERS))}")
+    # A refiner swaps weights within the N:M groups of memory order, which a method that reorders
+    # the input columns before choosing its groups (RIA's permute) does not keep.
+    if getattr(method, "permutes_columns", False):
+        raise SecateurError(f"refine={refiner} keeps N:M groups in memory order, which {name}'s column "
+                            "permutation moves; use one or the other")
+    return RefinedMethod(method, refiner)
 
 
 def _check_option_type(method: str, field: dataclasses.Field, value) -> None:
@@ -147,15 +227,18 @@ def _check_option_type(method: str, field: dataclasses.Field, value) -> None:
 def get_method(name: str, **options) -> Method:
     """Instantiate a registered method; `options` are its recipe parameters (e.g. blocksize)."""
     cls = _method_class(name)
-    fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
-    unknown = sorted(set(options) - set(fields))
+    fields = _option_fields(cls)
+    accepted = method_option_names(name)
+    unknown = sorted(set(options) - accepted)
     if unknown:
         raise SecateurError(
-            f"unknown option(s) {unknown} for method {name!r}; accepted: {', '.join(sorted(fields)) or 'none'}"
+            f"unknown option(s) {unknown} for method {name!r}; accepted: {', '.join(sorted(accepted)) or 'none'}"
         )
+    refiner = options.pop(REFINE_OPTION, None)
     for key, value in options.items():
         _check_option_type(name, fields[key], value)
     try:
-        return cls(**options)
+        method = cls(**options)
     except (TypeError, ValueError) as error:  # a method's own range check
         raise SecateurError(f"method {name!r}: {error}") from None
+    return method if refiner is None else _refined(name, method, refiner)

@@ -79,6 +79,11 @@ class BlockDrop(StructuredMethod):
         session.start_pass()
         influences = []
         for index in tqdm(range(len(blocks)), desc="block influence", disable=not session.progress):
+            step = f"block-influence/{index}"  # one resumable step per block: its influence
+            saved = session.replay(step)
+            if saved is not None:
+                influences.append(saved.meta["influence"])
+                continue
             total = {"cos": 0.0, "tokens": 0}
 
             def observe(h_in, h_out, total=total):
@@ -86,7 +91,8 @@ class BlockDrop(StructuredMethod):
                 total["tokens"] += h_in.numel() // h_in.shape[-1]
 
             session.advance(index, observe)
-            influences.append(block_influence(total["cos"], total["tokens"]))
+            influences.append(block_influence(*session.reduce_loss(total["cos"], total["tokens"])))
+            session.complete(step, meta={"influence": influences[-1]})
         dropped = blocks_to_drop(influences, count) if count else []
         if dropped:
             adapter.remove_blocks(dropped)

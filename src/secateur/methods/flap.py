@@ -189,23 +189,23 @@ class Flap(StructuredMethod):
         session.start_pass()
         units, min_keep, layout = [], [], []
         for index, block in enumerate(tqdm(blocks, desc="flap stats", unit="block", disable=not session.progress)):
+            step = f"flap-stats/{index}"  # one resumable step per block: its scores and channel means
+            saved = session.replay(step)
+            if saved is not None:
+                scored = saved.tensors
+            else:
+                with session.block(index) as block:
+                    scored = self._block_scores(session, index, block, advance=index + 1 < len(blocks))
+                session.complete(step, scored)
             ffn = adapter.ffn_units(block)
-            views = {ffn.consumer_name: ffn.consumer}
-            heads = adapter.head_units(block) if self.heads else None
-            if heads is not None:
-                views[heads.consumer_name] = heads.consumer
-            stats = session.gather(index, views, frozenset({"sum", "sumsq"}), advance=index + 1 < len(blocks))
-            down = stats[ffn.consumer_name]
-            scores = fluctuation_scores(down.variance(), ffn.consumer.get_weight().double())
-            units.append((standardize(scores), unit_params(ffn) // ffn.width))
+            units.append((scored["ffn_scores"], unit_params(ffn) // ffn.width))
             min_keep.append(1)
-            layout.append((index, "ffn", ffn.consumer_name, down.mean(), None))
-            if heads is not None:
-                o_stats = stats[heads.consumer_name]
-                channel = fluctuation_scores(o_stats.variance(), heads.consumer.get_weight().double())
-                units.append((head_scores(channel, heads.consumer_columns), heads.params_per_group))
+            layout.append((index, "ffn", ffn.consumer_name, scored["ffn_mean"], None))
+            if self.heads:
+                heads = adapter.head_units(block)
+                units.append((scored["head_scores"], heads.params_per_group))
                 min_keep.append(1)
-                layout.append((index, "heads", heads.consumer_name, o_stats.mean(), heads.consumer_columns))
+                layout.append((index, "heads", heads.consumer_name, scored["head_mean"], heads.consumer_columns))
         if to_remove > sum(cost * (len(s) - keep) for (s, cost), keep in zip(units, min_keep)):
             raise SecateurError(f"flap cannot remove {sparsity:.0%} of the block parameters: at most one KV group "
                                 "and one FFN channel must stay per block; lower --sparsity")
@@ -219,27 +219,46 @@ class Flap(StructuredMethod):
                 break
             target = to_remove + new_bias_params
         for (index, kind, consumer_name, mean, columns), keep_mask in zip(layout, masks):
-            block = blocks[index]
             if bool(keep_mask.all()):
                 continue
-            view = adapter.linears(block)[consumer_name]
-            removed_columns = (~keep_mask).nonzero().flatten() if columns is None else torch.cat(
-                [columns[g] for g in (~keep_mask).nonzero().flatten().tolist()])
-            removed = torch.zeros(view.in_features, dtype=torch.bool)
-            removed[removed_columns] = True
-            shift = bias_compensation(view.get_weight().double(), mean, removed)
-            if adapter.ensure_bias(block, consumer_name):
+            with session.block(index) as block:
                 view = adapter.linears(block)[consumer_name]
-                old = view.get_bias()
-                view.set_bias(old.double() + shift)
-            else:
-                session.warnings.append(f"block {index} {consumer_name}: the architecture cannot hold a bias here; "
-                                        "FLAP's bias compensation skipped")
-            if kind == "ffn":
-                adapter.keep_ffn(block, keep_mask.nonzero().flatten())
-            else:
-                adapter.keep_head_groups(block, keep_mask.nonzero().flatten().tolist())
+                removed_columns = (~keep_mask).nonzero().flatten() if columns is None else torch.cat(
+                    [columns[g] for g in (~keep_mask).nonzero().flatten().tolist()])
+                removed = torch.zeros(view.in_features, dtype=torch.bool)
+                removed[removed_columns] = True
+                shift = bias_compensation(view.get_weight().double(), mean, removed)
+                if adapter.ensure_bias(block, consumer_name):
+                    view = adapter.linears(block)[consumer_name]
+                    old = view.get_bias()
+                    view.set_bias(old.double() + shift)
+                else:
+                    session.warnings.append(f"block {index} {consumer_name}: the architecture cannot hold a bias "
+                                            "here; FLAP's bias compensation skipped")
+                if kind == "ffn":
+                    adapter.keep_ffn(block, keep_mask.nonzero().flatten())
+                else:
+                    adapter.keep_head_groups(block, keep_mask.nonzero().flatten().tolist())
         return {}
+
+    def _block_scores(self, session, index: int, block, advance: bool) -> dict[str, torch.Tensor]:
+        """Block `index`'s standardised unit scores and its consumers' input means, from one pass
+        of the block (which also advances it when `advance`)."""
+        adapter = session.adapter
+        ffn = adapter.ffn_units(block)
+        views = {ffn.consumer_name: ffn.consumer}
+        heads = adapter.head_units(block) if self.heads else None
+        if heads is not None:
+            views[heads.consumer_name] = heads.consumer
+        stats = session.gather(index, views, frozenset({"sum", "sumsq"}), advance=advance)
+        down = stats[ffn.consumer_name]
+        scored = {"ffn_scores": standardize(fluctuation_scores(down.variance(), ffn.consumer.get_weight().double())),
+                  "ffn_mean": down.mean()}
+        if heads is not None:
+            o_stats = stats[heads.consumer_name]
+            channel = fluctuation_scores(o_stats.variance(), heads.consumer.get_weight().double())
+            scored |= {"head_scores": head_scores(channel, heads.consumer_columns), "head_mean": o_stats.mean()}
+        return scored
 
     @staticmethod
     def _new_bias_params(adapter, blocks, layout, masks) -> int:

@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from secateur.errors import SecateurError
+from secateur.methods._linalg import DAMP_RETRIES, inverse_cholesky_upper
 from secateur.methods._units import (  # noqa: F401  (re-exported: the budget is part of Putri's public math)
     ALPHA,
     PutriBudget,
@@ -45,7 +46,6 @@ from secateur.methods._units import (  # noqa: F401  (re-exported: the budget is
     unit_params,
 )
 from secateur.methods.base import StructuredMethod, register
-from secateur.methods.sparsegpt import DAMP_RETRIES, inverse_cholesky_upper
 
 
 def ffn_neuron_scores(
@@ -384,27 +384,37 @@ class Putri(StructuredMethod):
                 "allocation": self.allocation}
 
     def _prune_ffn(self, session, widths: list[int]) -> None:
-        """Stage 1: block by block on the outputs of the already pruned blocks."""
+        """Stage 1: block by block on the outputs of the already pruned blocks. One resumable
+        step per block ("putri-ffn/<index>"): the kept neurons and the refitted down_proj."""
         adapter = session.adapter
         session.start_pass()
         needs = frozenset({"sum", "gram", "out_sumsq"})
-        blocks = adapter.blocks()
-        for index, block in enumerate(tqdm(blocks, desc="putri FFN", unit="block", disable=not session.progress)):
-            ffn = adapter.ffn_units(block)
-            keep_width = widths[index]
-            if keep_width < ffn.width:
-                stats = session.gather(index, {ffn.consumer_name: ffn.consumer}, needs)[ffn.consumer_name]
-                self._warn_few_tokens(session, stats.count, keep_width)
-                weight = ffn.consumer.get_weight().double()
-                scores = ffn_neuron_scores(weight, stats.gram, stats.out_sumsq / stats.count, self.damp)
-                keep = top_k(scores, keep_width)
-                adapter.keep_ffn(block, keep)
-                # Target: the dense layer's own output X Wᵀ (the bias stays as it is).
-                new = least_squares_refit(stats.gram, stats.gram @ weight.T, keep, self.refit_damp,
-                                          prior=weight[:, keep])
-                adapter.ffn_units(block).consumer.set_weight(new.float())
-            if index + 1 < len(blocks):
-                session.advance(index)
+        count = len(adapter.blocks())
+        for index in tqdm(range(count), desc="putri FFN", unit="block", disable=not session.progress):
+            step = f"putri-ffn/{index}"
+            saved = session.replay(step)
+            with session.block(index) as block:
+                if saved is not None:  # done by the interrupted run this one resumes
+                    if saved.tensors:
+                        _cut_ffn(adapter, block, saved.tensors["keep"], saved.tensors["down_proj"])
+                    continue
+                ffn = adapter.ffn_units(block)
+                keep_width = widths[index]
+                cut = {}
+                if keep_width < ffn.width:
+                    stats = session.gather(index, {ffn.consumer_name: ffn.consumer}, needs)[ffn.consumer_name]
+                    self._warn_few_tokens(session, stats.count, keep_width)
+                    weight = ffn.consumer.get_weight().double()
+                    scores = ffn_neuron_scores(weight, stats.gram, stats.out_sumsq / stats.count, self.damp)
+                    keep = top_k(scores, keep_width)
+                    # Target: the dense layer's own output X Wᵀ (the bias stays as it is).
+                    new = least_squares_refit(stats.gram, stats.gram @ weight.T, keep, self.refit_damp,
+                                              prior=weight[:, keep])
+                    cut = {"keep": keep, "down_proj": new.float()}
+                    _cut_ffn(adapter, block, **cut)
+                if index + 1 < count:
+                    session.advance(index)
+            session.complete(step, cut)
 
     def _warn_few_tokens(self, session, tokens: int, kept: int) -> None:
         if tokens < TOKENS_PER_KEPT_INPUT * kept and not any("calibration tokens" in w for w in session.warnings):
@@ -436,83 +446,114 @@ class Putri(StructuredMethod):
                 removed = [top_k(-block_scores, n).tolist() for block_scores, n in zip(scores, per_block, strict=True)]
         else:
             removed = self._greedy_search(session, count)
-        for index, block in enumerate(blocks):
-            heads = adapter.head_units(block)
-            keep = [g for g in range(heads.num_groups) if g not in removed[index]]
-            if len(keep) == heads.num_groups:
-                continue
-            kept_columns = torch.cat([heads.consumer_columns[g] for g in keep])
-            new_weight = None
-            if self.refit_o_proj:
-                gram = grams[index]
-                new_weight = least_squares_refit(gram, gram @ dense_o[index].T, kept_columns, self.refit_damp,
-                                                 prior=dense_o[index][:, kept_columns]).float()
-            adapter.keep_head_groups(block, keep)
-            if new_weight is not None:
-                adapter.head_units(block).consumer.set_weight(new_weight)
+        for index in range(len(blocks)):
+            with session.block(index) as block:
+                heads = adapter.head_units(block)
+                keep = [g for g in range(heads.num_groups) if g not in removed[index]]
+                if len(keep) == heads.num_groups:
+                    continue
+                kept_columns = torch.cat([heads.consumer_columns[g] for g in keep])
+                new_weight = None
+                if self.refit_o_proj:
+                    gram = grams[index]
+                    new_weight = least_squares_refit(gram, gram @ dense_o[index].T, kept_columns, self.refit_damp,
+                                                     prior=dense_o[index][:, kept_columns]).float()
+                adapter.keep_head_groups(block, keep)
+                if new_weight is not None:
+                    adapter.head_units(block).consumer.set_weight(new_weight)
         return removed
 
     def _o_proj_grams(self, session) -> tuple[list[torch.Tensor], list[float]]:
         """One pass: every block's o_proj input Gram matrix (XᵀX / n) and the typical energy
-        ‖h‖² of the residual stream entering the block (`residual_energy`)."""
+        ‖h‖² of the residual stream entering the block (`residual_energy`); one resumable step
+        per block ("putri-heads/<index>")."""
         adapter = session.adapter
         session.start_pass()
         grams, energies = [], []
-        blocks = adapter.blocks()
-        for index, block in enumerate(tqdm(blocks, desc="putri heads", unit="block", disable=not session.progress)):
-            heads = adapter.head_units(block)
-            energies.append(residual_energy(session.hidden))
-            stats = session.gather(index, {heads.consumer_name: heads.consumer}, frozenset({"gram"}),
-                                   advance=index + 1 < len(blocks))[heads.consumer_name]
-            grams.append(stats.gram / stats.count)
+        count = len(adapter.blocks())
+        for index in tqdm(range(count), desc="putri heads", unit="block", disable=not session.progress):
+            step = f"putri-heads/{index}"
+            saved = session.replay(step)
+            if saved is None:
+                with session.block(index) as block:
+                    heads = adapter.head_units(block)
+                    energy = residual_energy(session.hidden, session.gather_tokens)
+                    stats = session.gather(index, {heads.consumer_name: heads.consumer}, frozenset({"gram"}),
+                                           advance=index + 1 < count)[heads.consumer_name]
+                saved_gram = stats.gram / stats.count
+                session.complete(step, {"gram": saved_gram}, {"energy": energy})
+            else:
+                saved_gram, energy = saved.tensors["gram"], saved.meta["energy"]
+            grams.append(saved_gram)
+            energies.append(energy)
         return grams, energies
 
     def _global_plan(self, session, sparsity: float) -> tuple[list[int], list[int], list[int]]:
         """Per-block FFN widths, KV-group counts and blocks to drop for allocation="global" (see the class doc)."""
         adapter = session.adapter
-        blocks = adapter.blocks()
+        count = len(adapter.blocks())
         to_remove = round(sparsity * adapter.count_block_params())
         session.start_pass()
         curves, candidate_widths = [], []  # curves: block 0's FFN, block 0's heads, block 1's FFN, ...
         drop_errors, block_params = [], []
-        for index, block in enumerate(tqdm(blocks, desc="putri allocation", unit="block",
-                                           disable=not session.progress)):
-            ffn, heads = adapter.ffn_units(block), adapter.head_units(block)
-            energy = residual_energy(session.hidden)
-            inputs = list(session.hidden)  # the pass replaces the list's entries, not the tensors
-            stats = session.gather(index, {ffn.consumer_name: ffn.consumer, heads.consumer_name: heads.consumer},
-                                   frozenset({"gram", "out_sumsq"}), advance=True)
-            drop_errors.append(sum(float((out.double() - x.double()).square().sum())
-                                   for x, out in zip(inputs, session.hidden, strict=True)) / (energy * stats[
-                                       ffn.consumer_name].count))
-            del inputs
-            block_params.append(sum(p.numel() for p in block.parameters()))
-            down, o_stats = stats[ffn.consumer_name], stats[heads.consumer_name]
-            weight = ffn.consumer.get_weight().double()
-            scores = ffn_neuron_scores(weight, down.gram, down.out_sumsq / down.count, self.damp)
-            step = -(-ffn.width // self.steps)  # ceil: at most `steps` steps, the last one may be smaller
-            widths = list(range(ffn.width, 0, -step))  # candidate widths, the dense one first, all >= 1
-            tokens_energy = energy * down.count
-            by_score = torch.argsort(scores, descending=True, stable=True)  # top_k(scores, w) = by_score[:w]
-            errors = nested_refit_errors(down.gram, weight, by_score, self.refit_damp) / tokens_energy
-            neuron_params = unit_params(ffn) // ffn.width
-            curves.append(([float(errors[w]) for w in widths],
-                           [(a - b) * neuron_params for a, b in itertools.pairwise(widths)]))
-            candidate_widths.append(widths)
-            # KV groups leave in ascending order of energy; group g's columns stay while it does.
-            o_weight = heads.consumer.get_weight().double()
-            energy_order = torch.argsort(group_energy(o_weight, o_stats.gram, heads.consumer_columns),
-                                         descending=True, stable=True).tolist()
-            columns = [heads.consumer_columns[g] for g in energy_order]
-            head_errors = nested_refit_errors(o_stats.gram, o_weight, torch.cat(columns), self.refit_damp,
-                                              self.refit_o_proj) / tokens_energy
-            kept_columns = [sum(len(c) for c in columns[:kept]) for kept in range(heads.num_groups, 0, -1)]
-            curves.append(([float(head_errors[k]) for k in kept_columns],
-                           [heads.params_per_group] * (heads.num_groups - 1)))
+        for index in tqdm(range(count), desc="putri allocation", unit="block", disable=not session.progress):
+            step = f"putri-plan/{index}"  # one resumable step per block: its curves, widths and drop error
+            saved = session.replay(step)
+            if saved is not None:
+                plan = saved.meta
+            else:
+                with session.block(index) as block:
+                    plan = self._block_plan(session, index, block)
+                session.complete(step, meta=plan)
+            curves += [tuple(plan["ffn_curve"]), tuple(plan["head_curve"])]
+            candidate_widths.append(plan["widths"])
+            drop_errors.append(plan["drop_error"])
+            block_params.append(plan["block_params"])
         dropped, taken = choose_dropped_blocks(curves, drop_errors, block_params, to_remove,
-                                               max_blocks=len(blocks) - 1 if self.drop_blocks else 0)
+                                               max_blocks=count - 1 if self.drop_blocks else 0)
         widths = [ws[steps] for ws, steps in zip(candidate_widths, taken[0::2], strict=True)]
         return widths, taken[1::2], dropped
+
+    def _block_plan(self, session, index: int, block) -> dict:
+        """Block `index`'s removal curves (its FFN's, its heads': see `allocate_steps`), candidate
+        FFN widths, the error of dropping it whole and its parameter count, measured on its inputs;
+        advances the pass. JSON values: the step a resumed run takes up."""
+        adapter = session.adapter
+        ffn, heads = adapter.ffn_units(block), adapter.head_units(block)
+        energy = residual_energy(session.hidden, session.gather_tokens)
+        inputs = list(session.hidden)  # the pass replaces the list's entries, not the tensors
+        stats = session.gather(index, {ffn.consumer_name: ffn.consumer, heads.consumer_name: heads.consumer},
+                               frozenset({"gram", "out_sumsq"}), advance=True)
+        drop_sum, _ = session.reduce_loss(sum(float((out.double() - x.double()).square().sum())
+                                              for x, out in zip(inputs, session.hidden, strict=True)), 0)
+        drop_error = drop_sum / (energy * stats[ffn.consumer_name].count)
+        del inputs
+        down, o_stats = stats[ffn.consumer_name], stats[heads.consumer_name]
+        weight = ffn.consumer.get_weight().double()
+        scores = ffn_neuron_scores(weight, down.gram, down.out_sumsq / down.count, self.damp)
+        step = -(-ffn.width // self.steps)  # ceil: at most `steps` steps, the last one may be smaller
+        widths = list(range(ffn.width, 0, -step))  # candidate widths, the dense one first, all >= 1
+        tokens_energy = energy * down.count
+        by_score = torch.argsort(scores, descending=True, stable=True)  # top_k(scores, w) = by_score[:w]
+        errors = nested_refit_errors(down.gram, weight, by_score, self.refit_damp) / tokens_energy
+        neuron_params = unit_params(ffn) // ffn.width
+        # KV groups leave in ascending order of energy; group g's columns stay while it does.
+        o_weight = heads.consumer.get_weight().double()
+        energy_order = torch.argsort(group_energy(o_weight, o_stats.gram, heads.consumer_columns),
+                                     descending=True, stable=True).tolist()
+        columns = [heads.consumer_columns[g] for g in energy_order]
+        head_errors = nested_refit_errors(o_stats.gram, o_weight, torch.cat(columns), self.refit_damp,
+                                          self.refit_o_proj) / tokens_energy
+        kept_columns = [sum(len(c) for c in columns[:kept]) for kept in range(heads.num_groups, 0, -1)]
+        return {
+            "ffn_curve": [[float(errors[w]) for w in widths],
+                          [(a - b) * neuron_params for a, b in itertools.pairwise(widths)]],
+            "head_curve": [[float(head_errors[k]) for k in kept_columns],
+                           [heads.params_per_group] * (heads.num_groups - 1)],
+            "widths": widths,
+            "drop_error": drop_error,
+            "block_params": sum(p.numel() for p in block.parameters()),
+        }
 
     def _greedy_search(self, session, count: int) -> list[list[int]]:
         adapter = session.adapter
@@ -547,7 +588,13 @@ class Putri(StructuredMethod):
         return [sorted(groups) for groups in removed]
 
 
-def residual_energy(hidden: list[torch.Tensor]) -> float:
+def _cut_ffn(adapter, block, keep: torch.Tensor, down_proj: torch.Tensor) -> None:
+    """Keep FFN neurons `keep` of `block`, with `down_proj` as the new down projection."""
+    adapter.keep_ffn(block, keep)
+    adapter.ffn_units(block).consumer.set_weight(down_proj)
+
+
+def residual_energy(hidden: list[torch.Tensor], gather_tokens=None) -> float:
     """Typical energy ‖h_t‖² of the residual stream entering a block: the median over tokens.
 
     Not the mean: past the first few blocks LLMs carry "massive activations" — one or two
@@ -555,8 +602,13 @@ def residual_energy(hidden: list[torch.Tensor]) -> float:
     rest. On SmolLM2-135M blocks 12–28 hold ~97 % of their residual energy in one channel and
     their mean ‖h_t‖² is 50× the median, so dividing by the mean would make those blocks look
     50× cheaper to prune than they are.
+
+    `gather_tokens` (a session's): the norms of every process's windows, when `hidden` holds
+    only this process's share (torchrun), since a median is not a sum of shares.
     """
     norms = torch.cat([h.detach().double().square().sum(-1).reshape(-1) for h in hidden])
+    if gather_tokens is not None:
+        norms = gather_tokens(norms)
     if norms.numel() == 0 or not float(norms.median()) > 0:
         raise SecateurError("putri: the residual stream is empty or all zero; check the calibration data")
     return float(norms.median())

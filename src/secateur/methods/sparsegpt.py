@@ -12,8 +12,10 @@ rows × block tile (`mask_scope="block"`), so rows end with different sparsities
 at column e every row has exactly floor(s·e) zeros: every row ends with exactly floor(s·cols)
 zeros, the same comparison group as Wanda and STADE, which makes the methods comparable
 weight for weight. "block" is also exact over the layer in the same cumulative way. The
-target's own `scope` is not used: SparseGPT's groups are set by `mask_scope`. N:M picks the n
-lowest of each group of m columns of a row when the update reaches the group's first column.
+target's own `scope` is not used: SparseGPT's groups are set by `mask_scope`, unless the target
+carries per-row counts (TRIM): then row i ends with exactly row_counts[i] zeros, cumulatively as
+in "row". N:M picks the n lowest of each group of m columns of a row when the update reaches the
+group's first column.
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ from typing import ClassVar
 import torch
 
 from secateur.errors import SecateurError
-from secateur.masks import count_to_prune, mask_lowest
+from secateur.masks import count_to_prune, mask_lowest, mask_lowest_per_row, row_counts_tensor
+from secateur.methods._linalg import inverse_cholesky_upper, layer_hessian
 from secateur.methods.base import PruneResult, SparsityTarget, register
 from secateur.stats import LinearStats
 
 MASK_SCOPES = ("block", "row")
-DAMP_RETRIES = 6  # each retry multiplies the damping by 10
 
 
 @register
@@ -57,19 +59,14 @@ class SparseGPT:
     ) -> PruneResult:
         if target.kind not in ("unstructured", "nm"):
             raise SecateurError(f"unknown sparsity kind {target.kind!r}; accepted: nm, unstructured")
-        if stats.gram is None or stats.count == 0:
-            raise SecateurError("sparsegpt needs the input Gram matrix of at least one calibration token")
+        H, dead = layer_hessian(stats, "sparsegpt")
         rows, cols = weight.shape
         W = weight.detach().to(torch.float32).clone()
-
-        H = stats.gram.to(torch.float64) * (2.0 / stats.count)
-        # A column that never fires carries no information: prune-for-free and keep H invertible.
-        dead = torch.diagonal(H) == 0
-        H[dead, dead] = 1.0
-        W[:, dead] = 0.0
+        W[:, dead] = 0.0  # a column that never fires is pruned for free
         U = inverse_cholesky_upper(H, self.damp).to(torch.float32)
 
         nm = target.kind == "nm"
+        row_counts = None if nm or target.row_counts is None else row_counts_tensor(target, rows, cols)
         blocksize = -(-self.blocksize // target.m) * target.m if nm else self.blocksize
         s = target.sparsity
         for start in range(0, cols, blocksize):
@@ -80,7 +77,9 @@ class SparseGPT:
             pruned = torch.zeros_like(Wb, dtype=torch.bool)
             if not nm:
                 score = Wb.square() / d2
-                if self.mask_scope == "row":
+                if row_counts is not None:  # TRIM's per-row counts, spread over the blocks like floor(s·e)
+                    pruned = mask_lowest_per_row(score, row_counts * end // cols - row_counts * start // cols)
+                elif self.mask_scope == "row":
                     k = count_to_prune(s, end) - count_to_prune(s, start)
                     pruned = mask_lowest(score, k)
                 else:
@@ -102,25 +101,3 @@ class SparseGPT:
             W[:, start:end] = Q
             W[:, end:] -= Err @ U[start:end, end:]
         return PruneResult(W)
-
-
-def inverse_cholesky_upper(H: torch.Tensor, damp: float, method: str = "sparsegpt") -> torch.Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹, λ = damp · mean(diag H), raising λ tenfold on failure.
-
-    Shared with the structured methods (Putri's neuron scores); `method` names the option to
-    raise in the error message.
-    """
-    mean_diag = torch.diagonal(H).mean()
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    factor = damp
-    for _ in range(DAMP_RETRIES + 1):
-        L, info = torch.linalg.cholesky_ex(H + factor * mean_diag * eye)
-        if info == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if info == 0 and torch.isfinite(U).all():
-                return U
-        factor = factor * 10 if factor > 0 else 1e-4  # damp=0 still gets a chance to recover
-    raise SecateurError(
-        f"a layer's Hessian is singular (not positive definite even with damping {factor / 10:g} · mean "
-        f"diagonal): use more calibration data or a larger {method} damp"
-    )

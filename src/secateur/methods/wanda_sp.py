@@ -164,31 +164,47 @@ class WandaSP(StructuredMethod):
         blocks = adapter.blocks()
         budget = model_budget(adapter, sparsity, self.alpha)
         session.start_pass()
-        needs = frozenset({"sumsq"})
         group_scores_per_block = []
-        for index, block in enumerate(tqdm(blocks, desc="wanda-sp", unit="block", disable=not session.progress)):
-            ffn, heads = adapter.ffn_units(block), adapter.head_units(block)
-            views = dict(ffn.producers) | {ffn.consumer_name: ffn.consumer} | dict(heads.producers) | {
-                heads.consumer_name: heads.consumer}
-            stats = session.gather(index, views, needs)
-            group_scores_per_block.append(block_shares(self._group_scores(heads, stats)))
-            if budget.ffn_keep < ffn.width:
-                first_producer = next(iter(ffn.producers))
-                scores = channel_scores(
-                    [v.get_weight().double() for v in ffn.producers.values()],
-                    stats[first_producer].column_norm(),
-                    ffn.consumer.get_weight().double(),
-                    stats[ffn.consumer_name].column_norm(),
-                )
-                adapter.keep_ffn(block, top_k(scores, budget.ffn_keep))
-            if index + 1 < len(blocks):
-                session.advance(index)
+        for index in tqdm(range(len(blocks)), desc="wanda-sp", unit="block", disable=not session.progress):
+            step = f"wanda-sp/{index}"  # one resumable step per block: its group shares and kept neurons
+            saved = session.replay(step)
+            with session.block(index) as block:
+                scored = saved.tensors if saved is not None else self._block_scores(session, index, block,
+                                                                                    budget.ffn_keep)
+                group_scores_per_block.append(scored["group_shares"])
+                if "keep" in scored:
+                    adapter.keep_ffn(block, scored["keep"])
+                if saved is None:
+                    if index + 1 < len(blocks):
+                        session.advance(index)
+                    session.complete(step, scored)
         removed = lowest_groups(group_scores_per_block, budget.heads_groups_to_remove)
-        for index, block in enumerate(blocks):
-            heads = adapter.head_units(block)
+        for index in range(len(blocks)):
             if removed[index]:
-                adapter.keep_head_groups(block, [g for g in range(heads.num_groups) if g not in removed[index]])
+                with session.block(index) as block:
+                    heads = adapter.head_units(block)
+                    adapter.keep_head_groups(block, [g for g in range(heads.num_groups) if g not in removed[index]])
         return {"ffn_keep": budget.ffn_keep, "kv_groups_removed": removed}
+
+    def _block_scores(self, session, index: int, block, ffn_keep: int) -> dict[str, torch.Tensor]:
+        """Block `index`'s KV groups' shares of its Wanda mass and, when its FFN is cut, the
+        `ffn_keep` neurons it keeps, from one pass of the block."""
+        adapter = session.adapter
+        ffn, heads = adapter.ffn_units(block), adapter.head_units(block)
+        views = dict(ffn.producers) | {ffn.consumer_name: ffn.consumer} | dict(heads.producers) | {
+            heads.consumer_name: heads.consumer}
+        stats = session.gather(index, views, frozenset({"sumsq"}))
+        scored = {"group_shares": block_shares(self._group_scores(heads, stats))}
+        if ffn_keep < ffn.width:
+            first_producer = next(iter(ffn.producers))
+            scores = channel_scores(
+                [v.get_weight().double() for v in ffn.producers.values()],
+                stats[first_producer].column_norm(),
+                ffn.consumer.get_weight().double(),
+                stats[ffn.consumer_name].column_norm(),
+            )
+            scored["keep"] = top_k(scores, ffn_keep)
+        return scored
 
     @staticmethod
     def _group_scores(heads, stats) -> torch.Tensor:

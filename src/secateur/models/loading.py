@@ -9,6 +9,7 @@ filled from the dequantized tensors is an ordinary model that saves and reloads 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import re
@@ -75,26 +76,44 @@ class LoadedModel:
     source: str  # where the weights came from: a resolved path, a hub id, or 'alias (file name)'
 
 
-def load_model(spec: str | None, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
-    """Load a causal LM and its tokenizer, in eval mode on `device` in `dtype`."""
+@dataclass(frozen=True)
+class ModelLocation:
+    """Where a model spec points: a GGUF file, a checkpoint directory, or a hub id (`path` None)."""
+
+    kind: str  # "gguf", "directory" or "hub"
+    path: Path | None
+    source: str  # what `LoadedModel.source` says: the resolved path, 'alias (file name)' or 'hub:owner/name'
+
+
+def locate_model(spec: str | None) -> ModelLocation:
+    """Resolve a model spec without reading any weights; a spec that names nothing loadable is refused."""
     spec = spec or DEFAULT_MODEL
     if spec in ALIASES:
         path = _locate_packaged(spec)
-        loaded = _load_gguf(path, dtype)
-        loaded.source = f"{spec} ({path.name})"  # the alias, not this machine's install path
+        return ModelLocation("gguf", path, f"{spec} ({path.name})")  # the alias, not this machine's install path
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelLocation("gguf", path.resolve(), str(path.resolve()))
+    if path.is_dir():
+        return ModelLocation("directory", path.resolve(), str(path.resolve()))
+    if path.exists():
+        raise SecateurError(f"cannot load {spec!r}: neither a .gguf file nor a directory; {ACCEPTED}")
+    if _HUB_ID.match(spec):
+        return ModelLocation("hub", None, f"hub:{spec}")
+    raise SecateurError(f"no model {spec!r}: no such path or alias; {ACCEPTED}")
+
+
+def load_model(spec: str | None, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+    """Load a causal LM and its tokenizer, in eval mode on `device` in `dtype`."""
+    location = locate_model(spec)
+    if location.kind == "gguf":
+        loaded = _load_gguf(location.path, dtype)
+    elif location.kind == "directory":
+        loaded = _load_checkpoint_dir(location.path, dtype)
     else:
-        path = Path(spec).expanduser()
-        if path.is_file() and path.suffix == ".gguf":
-            loaded = _load_gguf(path.resolve(), dtype)
-        elif path.is_dir():
-            loaded = _load_checkpoint_dir(path.resolve(), dtype)
-        elif path.exists():
-            raise SecateurError(f"cannot load {spec!r}: neither a .gguf file nor a directory; {ACCEPTED}")
-        elif _HUB_ID.match(spec):
-            loaded = _load_from_hub(spec, dtype)
-        else:
-            raise SecateurError(f"no model {spec!r}: no such path or alias; {ACCEPTED}")
-    _use_sdpa(loaded.model)
+        loaded = _load_from_hub(location.source.removeprefix("hub:"), dtype)
+    loaded.source = location.source
+    use_sdpa(loaded.model)
     loaded.model.to(device=device, dtype=dtype).eval()
     return loaded
 
@@ -129,25 +148,33 @@ def _refuse_unsupported(config) -> None:
     get_adapter(types.SimpleNamespace(config=config))
 
 
+def read_gguf_config(path: Path):
+    """The model config a GGUF's metadata describes; refused when unreadable or of an unsupported family."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, KeyError, OSError) as error:
+        raise SecateurError(f"cannot read GGUF {path}: {first_line(error)}") from None
+    _refuse_unsupported(config)
+    return config
+
+
 def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    with _one_gguf_parse():
-        try:
-            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-        except (ValueError, KeyError, OSError) as error:
-            raise SecateurError(f"cannot read GGUF {path}: {_first_line(error)}") from None
-        _refuse_unsupported(config)
+    with one_gguf_parse():
+        config = read_gguf_config(path)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         try:
             tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model, torch_dtype=dtype)
             result = model.load_state_dict(tensors["tensors"], strict=False)
-        except _unreadable_weights() as error:
-            raise SecateurError(f"cannot read the tensors of GGUF {path}: {_first_line(error)} (a truncated or "
+        except unreadable_weights() as error:
+            raise SecateurError(f"cannot read the tensors of GGUF {path}: {first_line(error)} (a truncated or "
                                 "corrupt file?)") from None
     # A tied lm_head is absent from the file and shares the embedding tensor just loaded.
-    missing = set(result.missing_keys) - _tied_parameter_names(model)
+    missing = set(result.missing_keys) - tied_parameter_names(model)
     if missing:
         raise SecateurError(f"GGUF {path} lacks {len(missing)} tensors, e.g. {min(missing)}")
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -155,16 +182,18 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
 
 
 @contextlib.contextmanager
-def _one_gguf_parse():
+def one_gguf_parse():
     """Let transformers' two reads of one GGUF (config, then tensors) share one parsed reader.
 
     Parsing the metadata dominates loading: ~7 s for SmolLM2 and ~50 s for Gemma-3, whose
     262k-token vocabulary becomes one numpy view per token. transformers imports
     `gguf.GGUFReader` inside the function that parses, so swapping it here is enough.
+    The tensor name table is shared too: transformers rebuilds it for every submodule of the
+    model (~400 times for SmolLM2, seconds in all), always for the same architecture and depth.
     """
     import gguf
 
-    real_reader = gguf.GGUFReader
+    real_reader, real_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
     readers: dict[str, object] = {}
 
     def shared_reader(path, *args, **kwargs):
@@ -174,13 +203,14 @@ def _one_gguf_parse():
         return readers[key]
 
     gguf.GGUFReader = shared_reader
+    gguf.get_tensor_name_map = functools.cache(real_name_map)  # only read: get_name looks names up
     try:
         yield
     finally:
-        gguf.GGUFReader = real_reader
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_name_map
 
 
-def _tied_parameter_names(model: nn.Module) -> set[str]:
+def tied_parameter_names(model: nn.Module) -> set[str]:
     first_name: dict[int, str] = {}
     tied = set()
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -190,8 +220,9 @@ def _tied_parameter_names(model: nn.Module) -> set[str]:
     return tied
 
 
-def _load_checkpoint_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def read_checkpoint_config(path: Path):
+    """The config of a checkpoint directory; refused when missing, unreadable or of an unsupported family."""
+    from transformers import AutoConfig
 
     from secateur.structured import stock_widths_read_quietly
 
@@ -201,12 +232,25 @@ def _load_checkpoint_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
         with stock_widths_read_quietly():  # transformers' validation reads the global widths of per_layer_config
             config = AutoConfig.from_pretrained(path)
     except (ValueError, KeyError, OSError) as error:
-        raise SecateurError(f"cannot read {path / 'config.json'}: {_first_line(error)}") from None
+        raise SecateurError(f"cannot read {path / 'config.json'}: {first_line(error)}") from None
     _refuse_unsupported(config)
+    return config
+
+
+def read_checkpoint_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:
-        raise SecateurError(f"{path} has no usable tokenizer: {_first_line(error)}") from None
+        raise SecateurError(f"{path} has no usable tokenizer: {first_line(error)}") from None
+
+
+def _load_checkpoint_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    config = read_checkpoint_config(path)
+    tokenizer = read_checkpoint_tokenizer(path)
     from secateur.structured.checkpoint import is_recorded, load_structured_checkpoint
 
     try:
@@ -214,14 +258,14 @@ def _load_checkpoint_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
             model = load_structured_checkpoint(path, config, dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except _unreadable_weights() as error:
-        raise SecateurError(f"cannot load the weights in {path}: {_first_line(error)} (a missing, truncated or "
+    except unreadable_weights() as error:
+        raise SecateurError(f"cannot load the weights in {path}: {first_line(error)} (a missing, truncated or "
                             "corrupt weights file); accepted: a checkpoint directory with its *.safetensors "
                             "files complete") from None
     return LoadedModel(model, tokenizer, str(path))
 
 
-def _unreadable_weights() -> tuple[type[BaseException], ...]:
+def unreadable_weights() -> tuple[type[BaseException], ...]:
     """What reading damaged or missing weight files raises (safetensors has its own error type)."""
     from safetensors import SafetensorError
 
@@ -245,7 +289,7 @@ def _load_from_hub(hub_id: str, dtype: torch.dtype) -> LoadedModel:
     return LoadedModel(model, tokenizer, f"hub:{hub_id}")
 
 
-def _use_sdpa(model: nn.Module) -> None:
+def use_sdpa(model: nn.Module) -> None:
     # Fast and exact on CPU; families without it keep their default implementation.
     try:
         model.set_attn_implementation("sdpa")
@@ -253,5 +297,5 @@ def _use_sdpa(model: nn.Module) -> None:
         pass
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]

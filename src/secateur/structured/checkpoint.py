@@ -209,15 +209,21 @@ def load_structured_checkpoint(
     """Load a heterogeneous checkpoint without remote code: the stock class, subclassed
     in-process to apply the recorded shapes after `__init__`, loads it with from_pretrained
     (so transformers' own key renames, tying and dtype handling all apply)."""
+    with stock_widths_read_quietly():
+        model = recorded_model_class(config).from_pretrained(Path(directory), config=config, dtype=dtype)
+    return model.eval()
+
+
+def recorded_model_class(config) -> type:
+    """The stock class of a heterogeneous checkpoint's config, subclassed in-process to give the
+    recorded linears their shapes after `__init__` (build it under `stock_widths_read_quietly`)."""
     from transformers import AutoModelForCausalLM
 
     stock_config = copy.deepcopy(config)
     _clear_records(stock_config)
     with torch.device("meta"):
         stock_class = _stock_class(AutoModelForCausalLM.from_config(stock_config))
-    with stock_widths_read_quietly():
-        model = _rebuilding_class(stock_class).from_pretrained(Path(directory), config=config, dtype=dtype)
-    return model.eval()
+    return _rebuilding_class(stock_class)
 
 
 def _rebuilding_class(stock_class: type) -> type:
