@@ -20,10 +20,9 @@ import sys
 import time
 
 import torch
-from common import benchmark_parser, load_setup
+from common import benchmark_parser, evaluate_perplexity, load_setup
 
 import secateur
-from secateur.eval import perplexity
 
 # (method, pattern, sparsity, allocation, method options)
 RUNS = [(method, kind, sparsity, "uniform", {}) for method in ("magnitude", "wanda", "stade", "sparsegpt")
@@ -50,12 +49,7 @@ def main() -> None:
     activation_mb = args.nsamples * args.seqlen * dense.config.hidden_size * 4 / 2**20
 
     def evaluate(model):
-        values, protocols = {}, {}
-        for name in datasets:
-            result = perplexity(model, tokenizer, name, seqlen=args.eval_seqlen, max_windows=args.max_windows,
-                                data_dir=args.data_dir)
-            values[name], protocols[name] = result["perplexity"], result["protocol"]
-        return values, protocols
+        return evaluate_perplexity(model, tokenizer, datasets, args)
 
     dense_ppl, eval_protocol = evaluate(dense)
     rows = []
