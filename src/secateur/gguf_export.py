@@ -54,7 +54,7 @@ from torch import nn
 
 from secateur.errors import SecateurError
 from secateur.models.base import Adapter, get_adapter
-from secateur.outputs import _STAGING, _check_file_location, _owner_alive, _probe_writable
+from secateur.outputs import STAGING_MARK, check_file_location, owner_alive, probe_writable
 
 VERSION_KEY = "secateur.version"
 RECIPE_KEY = "secateur.recipe"
@@ -587,7 +587,7 @@ def check_gguf_destination(out: str | Path, *, overwrite: bool, inputs: dict | N
     shown = str(out)
     if not shown.endswith(".gguf"):
         raise SecateurError(f"{flag} {shown!r} is not a .gguf file name; give a file such as model.gguf")
-    target = _check_file_location(out, inputs, inside, flag, "model.gguf")
+    target = check_file_location(out, inputs, inside, flag, "model.gguf")
     _remove_dead_staging(target)
     if target.exists() or target.is_symlink():
         if not overwrite:
@@ -596,12 +596,12 @@ def check_gguf_destination(out: str | Path, *, overwrite: bool, inputs: dict | N
         if target.is_symlink() or not target.is_file() or not is_secateur_gguf(target):
             raise SecateurError(f"{flag} {shown!r} was not written by secateur (no {VERSION_KEY} in its metadata); it "
                                 "is not replaced: delete it yourself or choose another file")
-    _probe_writable(target.parent, flag, shown)
+    probe_writable(target.parent, flag, shown)
     return target
 
 
 def _staging_pattern(target: Path) -> re.Pattern:
-    return re.compile(rf"^\.{re.escape(target.name)}\.{_STAGING}[0-9a-f]{{8}}$")
+    return re.compile(rf"^\.{re.escape(target.name)}\.{STAGING_MARK}[0-9a-f]{{8}}$")
 
 
 def _remove_dead_staging(target: Path) -> None:
@@ -610,12 +610,12 @@ def _remove_dead_staging(target: Path) -> None:
         return
     pattern = _staging_pattern(target)
     for path in target.parent.iterdir():
-        if pattern.match(path.name) and path.is_file() and not path.is_symlink() and not _owner_alive(path):
+        if pattern.match(path.name) and path.is_file() and not path.is_symlink() and not owner_alive(path):
             path.unlink(missing_ok=True)
 
 
 def _write_atomically(target: Path, write: Callable[[Path], None], *, overwrite: bool) -> None:
-    staging = target.with_name(f".{target.name}.{_STAGING}{secrets.token_hex(4)}")
+    staging = target.with_name(f".{target.name}.{STAGING_MARK}{secrets.token_hex(4)}")
     lock = os.open(staging, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # tells a concurrent export that this partial file is alive

@@ -55,7 +55,7 @@ from secateur.errors import SecateurError
 
 MANIFEST = ".secateur-manifest.json"
 MANIFEST_FORMAT = "secateur-output/1"
-_STAGING, _OLD = "secateur-staging-", "secateur-old-"
+STAGING_MARK, _OLD = "secateur-staging-", "secateur-old-"
 _RESUME = "secateur-resume"
 
 
@@ -148,11 +148,11 @@ def _check_name(target: Path, flag: str, shown: str, staging_suffix: int) -> Non
                             "allows; choose a shorter path")
 
 
-_DIR_SUFFIX = len(f"..{_STAGING}") + 12  # .NAME.secateur-staging-XXXXXXXXXXXX
-_FILE_SUFFIX = len(f"..{_STAGING}") + 8  # .NAME.secateur-staging-XXXXXXXX
+_DIR_SUFFIX = len(f"..{STAGING_MARK}") + 12  # .NAME.secateur-staging-XXXXXXXXXXXX
+_FILE_SUFFIX = len(f"..{STAGING_MARK}") + 8  # .NAME.secateur-staging-XXXXXXXX
 
 
-def _probe_writable(path: Path, flag: str, shown: str) -> None:
+def probe_writable(path: Path, flag: str, shown: str) -> None:
     """Create and remove a directory in the deepest existing ancestor of `path`."""
     ancestor = path
     while not ancestor.exists():
@@ -206,9 +206,9 @@ def check_output_dir(out: str | Path, *, overwrite: bool, inputs: dict | None = 
                 raise SecateurError(f"{flag} {shown!r} already exists; pass --overwrite to replace it (secateur "
                                     "replaces only directories it wrote)")
             _check_replaceable(target, flag, shown, kind)
-        _probe_writable(target.parent, flag, shown)
+        probe_writable(target.parent, flag, shown)
     else:
-        _probe_writable(target, flag, shown)
+        probe_writable(target, flag, shown)
     return target
 
 
@@ -227,7 +227,7 @@ def check_resumable_dir(out: str | Path, *, inputs: dict | None = None, flag: st
     _check_name(target, flag, shown, 0)
     if target.exists() and not target.is_dir():
         raise SecateurError(f"{flag} {shown!r} exists and is not a directory; give a directory path")
-    _probe_writable(target, flag, shown)
+    probe_writable(target, flag, shown)
     return target
 
 
@@ -264,7 +264,7 @@ def _family(fmt: str) -> str:
     return fmt.partition("/")[0]
 
 
-def _check_file_location(path: str | Path, inputs: dict | None, inside: Path | None, flag: str,
+def check_file_location(path: str | Path, inputs: dict | None, inside: Path | None, flag: str,
                          example: str) -> Path:
     """What every single-file output must satisfy, whatever its content: not an input, not
     inside the output directory or any directory secateur manages, its directory exists, its
@@ -291,7 +291,7 @@ def check_output_file(path: str | Path, *, inputs: dict | None = None, inside: P
     manages, its directory exists and is writable, and an existing file there is one secateur
     wrote, of the same kind (`fmt`, e.g. "secateur-results/1")."""
     shown = str(path)
-    target = _check_file_location(path, inputs, inside, flag, "results.json")
+    target = check_file_location(path, inputs, inside, flag, "results.json")
     if target.exists() or target.is_symlink():
         found = secateur_json_format(target) if target.is_file() else None
         if found is None:
@@ -300,7 +300,7 @@ def check_output_file(path: str | Path, *, inputs: dict | None = None, inside: P
         if fmt is not None and _family(found) != _family(fmt):
             raise SecateurError(f"{flag} {shown!r} holds {found} data, not {_family(fmt)}; it is not replaced: "
                                 "choose another file")
-    _probe_writable(target.parent, flag, shown)
+    probe_writable(target.parent, flag, shown)
     return target
 
 
@@ -318,11 +318,11 @@ def check_output_text(path: str | Path, *, header: str, inputs: dict | None = No
     """A text output (e.g. an exported recipe) with the rules of a JSON output; an existing file
     there is replaced only if its first line is secateur's `header`."""
     shown = str(path)
-    target = _check_file_location(path, inputs, inside, flag, example)
+    target = check_file_location(path, inputs, inside, flag, example)
     if (target.exists() or target.is_symlink()) and not (target.is_file() and starts_with_line(target, header)):
         raise SecateurError(f"{flag} {shown!r} exists and was not written by secateur; it is not replaced: "
                             "choose another file")
-    _probe_writable(target.parent, flag, shown)
+    probe_writable(target.parent, flag, shown)
     return target
 
 
@@ -339,7 +339,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     if not path.parent.is_dir():
         raise SecateurError(f"cannot write {str(path)!r}: its directory does not exist")
-    tmp = path.with_name(f".{path.name}.{_STAGING}{secrets.token_hex(4)}")
+    tmp = path.with_name(f".{path.name}.{STAGING_MARK}{secrets.token_hex(4)}")
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
@@ -368,7 +368,7 @@ class StagedDirectory:
     def __enter__(self) -> Path:
         self.out.parent.mkdir(parents=True, exist_ok=True)  # like `mkdir -p`: runs/name on a fresh checkout
         recover(self.out)
-        self.path = self.out.parent / f".{self.out.name}.{_STAGING}{secrets.token_hex(6)}"
+        self.path = self.out.parent / f".{self.out.name}.{STAGING_MARK}{secrets.token_hex(6)}"
         self.path.mkdir()
         self._lock_fd = os.open(self.path, os.O_RDONLY)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)  # tells a concurrent recover() that this run is alive
@@ -436,7 +436,7 @@ def recover(out: Path) -> list[str]:
             continue
         rest = path.name[len(prefix):] if path.name.startswith(prefix) else None
         report_rest = path.name[len(legacy_prefix):] if path.name.startswith(legacy_prefix) else None
-        if rest is not None and rest.startswith((_STAGING, _OLD)):
+        if rest is not None and rest.startswith((STAGING_MARK, _OLD)):
             leftovers.append(path)
             if rest.startswith(_OLD):
                 olds.append(path)
@@ -459,7 +459,7 @@ def recover(out: Path) -> list[str]:
             leftovers.remove(complete[0])
             done.append(f"restored {out} from {complete[0].name} (a run was killed while replacing it)")
     for path in leftovers:
-        if _owner_alive(path):
+        if owner_alive(path):
             continue
         shutil.rmtree(path, ignore_errors=True)
         done.append(f"removed {path.name}, left by a killed run")
@@ -487,7 +487,7 @@ def _complete_old_copy(path: Path) -> bool:
         return False
 
 
-def _owner_alive(path: Path) -> bool:
+def owner_alive(path: Path) -> bool:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
