@@ -35,6 +35,17 @@ SAMPLE_TEXT = (
 )
 
 
+def file_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory's safetensors files, by name."""
+    from safetensors import safe_open
+
+    tensors = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            tensors.update({key: handle.get_tensor(key) for key in handle.keys()})  # noqa: SIM118 (not iterable)
+    return tensors
+
+
 @pytest.fixture
 def calib_text_file(tmp_path) -> Path:
     path = tmp_path / "calib.txt"

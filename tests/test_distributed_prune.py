@@ -56,9 +56,12 @@ def _one_process(args: list[str]) -> None:
     ["--method", "putri", "--sparsity", "0.3", "--method-option", "head_score=perplexity",
      "--method-option", "search_windows=3"],
     ["--method", "block-drop", "--sparsity", "0.5"],
-], ids=["wanda", "sparsegpt", "sparsegpt-2:4", "stade", "putri", "putri-global", "putri-search", "block-drop"])
+    ["--method", "wanda", "--sparsity", "0.5", "--stream"],  # every rank streams; rank 0 writes
+    ["--method", "putri", "--sparsity", "0.3", "--stream"],
+], ids=["wanda", "sparsegpt", "sparsegpt-2:4", "stade", "putri", "putri-global", "putri-search", "block-drop",
+        "wanda-stream", "putri-stream"])
 def test_two_processes_save_the_checkpoint_of_one(inputs, tmp_path, recipe):
-    _one_process(_args(inputs, tmp_path / "one", recipe))
+    _one_process(_args(inputs, tmp_path / "one", [flag for flag in recipe if flag != "--stream"]))
     torchrun(2, ["-m", "secateur", *_args(inputs, tmp_path / "two", recipe)], LAUNCH_TIMEOUT_S)
 
     one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SAMPLE_TEXT
-from safetensors import safe_open
+from conftest import REPO, SAMPLE_TEXT, file_tensors
 from safetensors.torch import save_file
 from tiny_models import TINY_ARCHS, build_tiny_model, save_tiny, tiny_tokenizer
 
@@ -52,16 +51,8 @@ def text(tmp_path_factory) -> str:
     return str(path)
 
 
-def _file_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            tensors.update({key: handle.get_tensor(key) for key in handle.keys()})  # noqa: SIM118 (not iterable)
-    return tensors
-
-
 def _assert_same_files(expected: Path, got: Path) -> None:
-    want, have = _file_tensors(expected), _file_tensors(got)
+    want, have = file_tensors(expected), file_tensors(got)
     assert sorted(have) == sorted(want)
     for key, tensor in want.items():
         assert have[key].dtype == tensor.dtype and torch.equal(have[key], tensor), key
@@ -137,7 +128,7 @@ def test_blocks_renumbered_after_a_removal_still_read_their_own_weights(saved, t
             writer.add_module(block)  # written under its new name, as save_pretrained would
         stream.copy_outside_blocks(writer)
         writer.finish()
-    assert torch.equal(_file_tensors(tmp_path)["model.layers.0.mlp.up_proj.weight"],
+    assert torch.equal(file_tensors(tmp_path)["model.layers.0.mlp.up_proj.weight"],
                        reference.model.layers[1].mlp.up_proj.weight)
     assert json.loads((tmp_path / "config.json").read_text())["num_hidden_layers"] == 1
 
@@ -170,7 +161,7 @@ def test_shard_writer_writes_what_save_pretrained_writes(saved, arch, tmp_path):
         assert json.loads((tmp_path / "streamed" / name).read_text()) == \
             json.loads((tmp_path / "in-memory" / name).read_text()), name
     index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())
-    assert sorted(index["weight_map"]) == sorted(_file_tensors(tmp_path / "in-memory"))
+    assert sorted(index["weight_map"]) == sorted(file_tensors(tmp_path / "in-memory"))
     assert index["metadata"]["total_parameters"] == loaded.model.num_parameters()
     # The output loads with from_pretrained (load_model) into the very same model.
     tiny_tokenizer().save_pretrained(tmp_path / "streamed")
@@ -310,7 +301,7 @@ def test_a_checkpoint_without_safetensors_is_refused(tmp_path):
 
 def test_missing_and_damaged_tensors_are_refused(tmp_path):
     directory = save_tiny("llama", tmp_path / "model")
-    tensors = _file_tensors(directory)
+    tensors = file_tensors(directory)
     save_file({k: v for k, v in tensors.items() if k != "model.layers.1.mlp.up_proj.weight"},
               str(directory / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(SecateurError, match="lacks 1 of the model's tensors, e.g. model.layers.1.mlp.up_proj"):
@@ -352,7 +343,7 @@ def test_gguf_tensors_equal_load_model_tensor_by_tensor(tmp_path):
 # --- memory ----------------------------------------------------------------------------------------
 
 
-def test_streamed_perplexity_holds_far_less_than_the_checkpoint(tmp_path):
+def test_streamed_perplexity_and_prune_hold_far_less_than_the_checkpoint(tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         import scale
@@ -361,11 +352,17 @@ def test_streamed_perplexity_holds_far_less_than_the_checkpoint(tmp_path):
     checkpoint = scale.build_checkpoint(tmp_path / "synthetic", hidden=1024, blocks=6, ffn=2816, heads=8,
                                         tokenizer=tiny_tokenizer(), shard_bytes=100 * 10**6)
     (tmp_path / "text.txt").write_text(SAMPLE_TEXT * 20)
-    terms = scale.checkpoint_terms(checkpoint, windows=4, seqlen=128)
+    terms = scale.checkpoint_terms(checkpoint, windows=4, seqlen=128, nsamples=4, calib_seqlen=128, method="wanda")
     assert terms["shards"] >= 3 and terms["checkpoint_mb"] > 280
-    run = scale.measure({"mode": "streamed", "model": str(checkpoint), "dataset": str(tmp_path / "text.txt"),
-                         "data_dir": None, "seqlen": 128, "windows": 4})
+    common = {"model": str(checkpoint), "data_dir": None, "seed": 0}
+    run = scale.measure(common | {"mode": "streamed", "dataset": str(tmp_path / "text.txt"), "seqlen": 128,
+                                  "windows": 4})
     assert math.isfinite(run["perplexity"])
     # What the work added to the interpreter's own memory: one ~49 MB block and small change, where
     # loading the model would add all of it (measured at full size in benchmarks/scale.py).
     assert run["rss_peak_mb"] - run["rss_before_mb"] < 0.6 * terms["checkpoint_mb"]
+    pruned = scale.measure(common | {"mode": "prune streamed", "method": "wanda", "sparsity": 0.5,
+                                     "calib": str(tmp_path / "text.txt"), "nsamples": 4, "calib_seqlen": 128,
+                                     "work_dir": str(tmp_path / "runs")})
+    assert pruned["sparsity_achieved"] == pytest.approx(0.5, abs=0.01)
+    assert pruned["rss_peak_mb"] - pruned["rss_before_mb"] < 0.6 * terms["checkpoint_mb"]

@@ -56,6 +56,12 @@ def prune(model, recipe=None, data=None, *, tokenizer=None, device: str = "cpu",
     `prune --out DIR [--resume]` opens one beside DIR). `world`: a joined
     `secateur.engine.distributed.World` to share the calibration windows with the other
     torchrun processes (every rank calls `prune` with the same arguments).
+
+    `model` may be a `secateur.models.streaming.StreamedModel` (a checkpoint opened without
+    reading its weights): the prune then holds one block in memory at a time, keeps the pruned
+    blocks in the stream's scratch files and returns the stream, which `save_checkpoint` and
+    `evaluate` take as they take a model. Every unstructured method streams, and Putri with its
+    default allocation and head score; the others need the whole model and are refused.
     """
     from secateur.data import CalibrationData, calibration_windows
     from secateur.engine import prune_model
@@ -63,13 +69,21 @@ def prune(model, recipe=None, data=None, *, tokenizer=None, device: str = "cpu",
     from secateur.engine.structured import prune_structured
     from secateur.methods import get_method
     from secateur.models import get_adapter
+    from secateur.models.streaming import StreamedModel
     from secateur.trim import with_row_allocation
 
     recipe = as_recipe(recipe)
+    stream = model if isinstance(model, StreamedModel) else None
+    if stream is not None:
+        model = stream.model
     adapter = get_adapter(model)
     check_recipe_fits(model, recipe, adapter)
     method = with_row_allocation(get_method(recipe.method, **recipe.method_options), recipe.row_allocation)
     structured = getattr(method, "structured", False)
+    if stream is not None and not getattr(method, "streams", not structured):
+        raise SecateurError(f"method {recipe.method!r} with these options needs the whole model in memory and does "
+                            "not run with --stream; streamed: every unstructured method, and putri with its default "
+                            "allocation=uniform and head_score=reconstruction")
     input_ids = None
     if recipe.needs_calibration:
         if data is None or isinstance(data, (str, Path)):
@@ -85,8 +99,8 @@ def prune(model, recipe=None, data=None, *, tokenizer=None, device: str = "cpu",
         check_sequence_length(model, input_ids.shape[1], "calibration --seqlen", adapter)
     run = prune_structured if structured else prune_model
     report = run(model, adapter, method, recipe, input_ids, device=device, progress=progress, work_dir=work_dir,
-                 world=world)
-    return model, report
+                 world=world, stream=stream)
+    return stream or model, report
 
 
 def evaluate(model, tokenizer, dataset: str, *, seqlen: int = 2048, max_windows=None, data_dir=None, device="cpu"):

@@ -8,11 +8,14 @@ become underscores); a flag given on the command line overrides the same field o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shlex
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import yaml
@@ -47,6 +50,15 @@ def _add_model_args(parser: argparse.ArgumentParser, *, data: bool = True) -> No
                                  "default $SECATEUR_DATA")
     parser.add_argument("--json", default=None, help="write the numbers to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_stream_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stream", action="store_true",
+                        help="hold one decoder block in memory at a time, read from the checkpoint's files (a local "
+                             "safetensors directory, sharded or not, or a .gguf): for models larger than memory")
+    parser.add_argument("--offload-activations", default=None, metavar="DIR",
+                        help="with --stream: keep the per-window activations on disk in a new hidden directory "
+                             "inside DIR (removed afterwards) instead of in memory")
 
 
 def _add_recipe_args(parser: argparse.ArgumentParser, *, grid: bool) -> None:
@@ -107,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model and (optionally) evaluate and save it")
     _add_model_args(p)
+    _add_stream_args(p)
     _add_recipe_args(p, grid=False)
     _add_eval_args(p)
     p.add_argument("--out", default=None,
@@ -125,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model under a recorded protocol")
     _add_model_args(e)
+    _add_stream_args(e)
     e.add_argument("--datasets", type=_csv, default=None,
                    help="perplexity datasets, comma list, e.g. wikitext2,c4 (default wikitext2 unless --tasks)")
     e.add_argument("--seqlen", type=int, default=2048, help="perplexity window length (default 2048)")
@@ -257,20 +271,13 @@ def _eval_options(args, datasets: list[str]):
 
 
 def cmd_prune(args) -> int:
-    from secateur.data import calibration_windows, check_readable
+    from secateur.data import check_readable
     from secateur.engine.distributed import World
-    from secateur.engine.preflight import check_recipe_fits, check_sequence_length
-    from secateur.export import check_destination, save_checkpoint
-    from secateur.models import load_model
-    from secateur.outputs import check_output_file, write_json_atomic, write_text_atomic
+    from secateur.export import check_destination
+    from secateur.outputs import check_output_file
     from secateur.pipeline import (
         RESULTS_FORMAT,
-        build_results,
         check_resume,
-        evaluate_model,
-        loading_quietly,
-        open_work_dir,
-        prune_keeping_progress,
     )
 
     started = time.perf_counter()
@@ -282,6 +289,12 @@ def cmd_prune(args) -> int:
                             "or start it again without --resume")
     options = _eval_options(args, args.eval)
     options.check()  # unknown or unreadable datasets, unknown tasks: before the long work starts
+    _check_stream_args(args, options)
+    if args.stream and not args.out:
+        raise SecateurError("--stream writes the pruned blocks to disk as they are done: give --out DIR")
+    if args.stream and args.gguf:
+        raise SecateurError("--gguf needs the whole pruned model in memory; with --stream, export the saved "
+                            "checkpoint afterwards: secateur export OUT --format gguf --out FILE")
     if recipe.needs_calibration:
         check_readable(recipe.calib, args.data_dir, split="calibration")
     # Every output is checked (not an input, replaceable, writable) before the model is loaded.
@@ -297,9 +310,22 @@ def cmd_prune(args) -> int:
     device = str(world.init(device))
     measure = bool(options.datasets or options.tasks) and world.is_main
 
-    with loading_quietly(args.model):
-        loaded = load_model(args.model, dtype=dtype, device="cpu")
-    model, tokenizer = loaded.model, loaded.tokenizer
+    with contextlib.ExitStack() as cleanup:
+        return _prune_loaded(args, recipe, options, cleanup, started=started, device=device, dtype=dtype, world=world,
+                             inputs=inputs, out=out, work_path=work_path, export_path=export_path,
+                             gguf_path=gguf_path, eval_seqlen=eval_seqlen, measure=measure)
+
+
+def _prune_loaded(args, recipe, options, cleanup, *, started, device, dtype, world, inputs, out, work_path,
+                  export_path, gguf_path, eval_seqlen, measure) -> int:
+    from secateur.data import calibration_windows
+    from secateur.engine.preflight import check_recipe_fits, check_sequence_length
+    from secateur.export import save_checkpoint
+    from secateur.outputs import write_json_atomic, write_text_atomic
+    from secateur.pipeline import build_results, evaluate_model, open_work_dir, prune_keeping_progress
+
+    loaded = _open_model(args, dtype, cleanup)
+    model, tokenizer = loaded.model, loaded.tokenizer  # with --stream, `model` is the skeleton: shapes, no weights
     check_recipe_fits(model, recipe)
     if export_path is not None:  # what needs the model (its block path, its linears) is refused before pruning too
         from secateur.interop import BlockLayout, to_llm_compressor
@@ -323,13 +349,19 @@ def cmd_prune(args) -> int:
     work = None if world.distributed else open_work_dir(
         work_path, resume=args.resume, model_spec=args.model, model=model, source=loaded.source, recipe=recipe,
         calibration=calibration, dtype=dtype, device=device)
+    if loaded.stream is not None:
+        # Pruned blocks wait on --out's file system (in the work directory, removed with it; under
+        # torchrun, which keeps none, in a hidden directory beside --out per rank), not in /tmp.
+        loaded.stream.scratch_dir = work.path if work is not None else out.parent
+    model = loaded.stream or model
     dense = evaluate_model(model, tokenizer, options, seqlen=eval_seqlen, label="dense") if measure else None
     model, report = prune_keeping_progress(model, recipe, calibration, work_dir=work, tokenizer=tokenizer,
                                            device=device, progress=not args.quiet and world.is_main, world=world)
     world.close()
     if not world.is_main:  # the other ranks only shared the calibration work
         return 0
-    model.to("cpu")
+    if loaded.stream is None:
+        model.to("cpu")
     pruned = evaluate_model(model, tokenizer, options, seqlen=eval_seqlen, label="pruned") if measure else None
     results = build_results(model_source=loaded.source, recipe=recipe, report=report, calibration=calibration,
                             dense=dense, pruned=pruned, device=device, dtype=dtype, started=started)
@@ -353,13 +385,49 @@ def cmd_prune(args) -> int:
     return 0
 
 
+@dataclass
+class _Opened:
+    model: object  # the model, or with --stream the skeleton of `stream` (meta tensors)
+    tokenizer: object
+    source: str
+    stream: object = None  # secateur.models.streaming.StreamedModel with --stream
+
+
+def _check_stream_args(args, options) -> None:
+    if args.offload_activations is not None and not args.stream:
+        raise SecateurError("--offload-activations goes with --stream (without it the model and its activations "
+                            "are in memory anyway)")
+    if args.offload_activations is not None and Path(args.offload_activations).expanduser().is_file():
+        raise SecateurError(f"--offload-activations {args.offload_activations!r} is a file; give a directory "
+                            "(secateur writes into a new hidden directory inside it and removes that afterwards)")
+    if args.stream and options.tasks:
+        raise SecateurError("--tasks (lm-evaluation-harness) needs the whole model in memory; with --stream, "
+                            "perplexity (--eval / --datasets) runs block by block")
+
+
+def _open_model(args, dtype, cleanup: contextlib.ExitStack) -> _Opened:
+    """The model as --model and --stream ask: loaded whole, or opened for streaming (closed,
+    with its scratch files, when `cleanup` exits)."""
+    from secateur.models import load_model
+    from secateur.pipeline import loading_quietly
+
+    with loading_quietly(args.model):
+        if not args.stream:
+            loaded = load_model(args.model, dtype=dtype, device="cpu")
+            return _Opened(loaded.model, loaded.tokenizer, loaded.source)
+        from secateur.models.streaming import StreamedModel
+
+        stream = cleanup.enter_context(StreamedModel.open(args.model, dtype=dtype,
+                                                          offload_activations=args.offload_activations))
+    return _Opened(stream.model, stream.tokenizer, stream.source, stream)
+
+
 def _check_gguf(args, inputs: dict, out, export_path):
     """--gguf FILE, checked with the other outputs before any work; returns its resolved path or None."""
     if not args.gguf:
         if args.gguf_type:
             raise SecateurError("--gguf-type needs --gguf FILE")
         return None
-    from pathlib import Path
 
     from secateur.gguf_export import check_gguf_destination
 
@@ -393,7 +461,6 @@ def _check_export(args, recipe, inputs: dict, out):
     --json, not a file secateur did not write). Returns the file's resolved path, or None."""
     if not args.export_recipe:
         return None
-    from pathlib import Path
 
     from secateur.interop import EXPORT_HEADER, FORMAT, check_exportable
     from secateur.outputs import check_output_text
@@ -430,9 +497,8 @@ def _summary(results: dict, out) -> None:
 def cmd_eval(args) -> int:
     from secateur.engine.preflight import check_sequence_length
     from secateur.eval.zeroshot import render_zero_shot
-    from secateur.models import load_model
     from secateur.outputs import check_output_file, write_json_atomic
-    from secateur.pipeline import EVAL_FORMAT, evaluate_model, loading_quietly, versions
+    from secateur.pipeline import EVAL_FORMAT, evaluate_model, versions
 
     _, dtype = _resolve_device_dtype(args.device, args.dtype)  # validates --device too
     # Perplexity runs when asked, or by default when no zero-shot task is asked.
@@ -440,13 +506,15 @@ def cmd_eval(args) -> int:
     options = _eval_options(args, datasets)
     options.seqlen = args.seqlen
     options.check()
+    _check_stream_args(args, options)
     if args.json:
         check_output_file(args.json, inputs=_inputs(args, *datasets), fmt=EVAL_FORMAT)
-    with loading_quietly(args.model):
-        loaded = load_model(args.model, dtype=dtype, device="cpu")
-    if datasets:
-        check_sequence_length(loaded.model, args.seqlen, "--seqlen")
-    result = evaluate_model(loaded.model, loaded.tokenizer, options, seqlen=args.seqlen, label="model")
+    with contextlib.ExitStack() as cleanup:
+        loaded = _open_model(args, dtype, cleanup)
+        if datasets:
+            check_sequence_length(loaded.model, args.seqlen, "--seqlen")
+        result = evaluate_model(loaded.stream or loaded.model, loaded.tokenizer, options, seqlen=args.seqlen,
+                                label="model")
     _print_table({loaded.source: result["perplexity"]})
     if result["zero_shot"]:
         print(render_zero_shot({loaded.source: result["zero_shot"]}))
@@ -493,7 +561,6 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from pathlib import Path
 
     from secateur.engine.preflight import check_sequence_length
     from secateur.eval.bench import BENCH_FORMAT, benchmark, render_bench
@@ -527,7 +594,6 @@ def cmd_bench(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from pathlib import Path
 
     from secateur.gguf_export import check_gguf_destination
     from secateur.models import load_model

@@ -28,17 +28,25 @@ def check_destination(out: str | Path, overwrite: bool, inputs: dict | None = No
 def save_checkpoint(model, tokenizer, out: str | Path, *, recipe_yaml: str, results: dict, overwrite: bool,
                     inputs: dict | None = None, within: Path | None = None, command: str | None = None) -> Path:
     """Write the checkpoint to `out`; `command`: the exact command line, for the model card
-    (None from the Python API)."""
+    (None from the Python API). `model` may be a `StreamedModel` (`prune --stream`): its weights
+    are then written module by module, as sharded safetensors."""
     location = str(out)  # as the user named it: the card's load snippets point there, not at /home/...
     out = check_destination(out, overwrite, inputs, within=within)
     from secateur.model_card import CARD_FILE, render_model_card
+    from secateur.models.streaming import StreamedModel
     from secateur.structured import prepare_checkpoint, write_extra_files
 
+    stream = model if isinstance(model, StreamedModel) else None
+    if stream is not None:
+        model = stream.model
     with StagedDirectory(out, kind="checkpoint", overwrite=overwrite) as staging:
         # Structurally pruned blocks: a standard config when every block has the same shape,
         # otherwise recorded shapes plus a small modeling file (trust_remote_code=True).
         standard = prepare_checkpoint(model)
-        model.save_pretrained(staging, safe_serialization=True)
+        if stream is not None:
+            stream.write_weights(staging)
+        else:
+            model.save_pretrained(staging, safe_serialization=True)
         write_extra_files(model, staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)

@@ -111,7 +111,8 @@ def evaluate_model(model, tokenizer, options: EvalOptions, *, seqlen: int, label
                                   batch_size=options.batch_size, device=options.device, quiet=options.quiet)
         if not options.quiet:
             print(f"[{label}] zero-shot mean acc {zero_shot['mean_acc']:.4f}", file=sys.stderr)
-    model.to("cpu")
+    if isinstance(model, torch.nn.Module):  # not a StreamedModel (--stream), which holds no block between uses
+        model.to("cpu")
     return {"perplexity": values, "protocols": protocols, "zero_shot": zero_shot}
 
 

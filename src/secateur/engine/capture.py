@@ -90,6 +90,19 @@ def capture_block_inputs(
     return inputs, calls
 
 
+def capture_one_by_one(adapter: Adapter, input_ids: torch.Tensor, device: torch.device | str,
+                       hidden) -> list[BlockCall] | None:
+    """`capture_block_inputs` one window at a time, appending each window's first-block input to
+    `hidden` (a list, or a list on disk: `secateur.models.streaming.DiskActivations`) as soon as it
+    is computed; returns the blocks' calls (None without windows). Same values as capturing all
+    windows at once."""
+    calls = None
+    for window in input_ids:
+        inputs, calls = capture_block_inputs(adapter, window.unsqueeze(0), device)
+        hidden.append(inputs[0])
+    return calls
+
+
 def off_cpu(device: torch.device | str) -> bool:
     """Whether `device` is an accelerator, so that what was moved there is parked on the CPU after use."""
     return torch.device(device).type != "cpu"

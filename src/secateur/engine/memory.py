@@ -4,6 +4,8 @@
 weights, so the process peak says little about pruning. Linux lets a process reset its
 own high-water mark (writing 5 to /proc/self/clear_refs); VmHWM then tracks the peak of
 the phase alone. Where that is unavailable we fall back to the process peak and say so.
+Measurements nest: a phase measured inside another (the pruning inside a benchmark's whole
+run) resets the mark, so the outer one first keeps the peak reached so far.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import resource
 
 import torch
+
+_ACTIVE: list[PeakMemory] = []  # the measurements open now, outermost first
 
 
 def _status_mb(field: str) -> float | None:
@@ -31,8 +35,14 @@ class PeakMemory:
         self.cuda = torch.device(device).type == "cuda"
         self.phase_only = False
         self.before_mb = None
+        self._carried_mb = 0.0  # the peak before an inner measurement reset the mark
 
     def __enter__(self):
+        if _ACTIVE:
+            reached = _status_mb("VmHWM") or 0.0
+            for outer in _ACTIVE:
+                outer._carried_mb = max(outer._carried_mb, reached)
+        _ACTIVE.append(self)
         try:
             with open("/proc/self/clear_refs", "w") as clear:
                 clear.write("5")
@@ -45,8 +55,11 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc):
+        _ACTIVE.remove(self)
         self.peak_mb = _status_mb("VmHWM") if self.phase_only else None
-        if self.peak_mb is None:
+        if self.peak_mb is not None:
+            self.peak_mb = max(self.peak_mb, self._carried_mb)
+        else:
             self.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         self.cuda_peak_mb = torch.cuda.max_memory_allocated() / 2**20 if self.cuda else None
 

@@ -27,10 +27,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from secateur.allocation import OWL_NEEDS, block_outlier_ratio, owl_sparsities
+from secateur.engine.distributed import LARGE_SUMS
 from secateur.engine.memory import PeakMemory
+from secateur.engine.regional import RegionalPlan
 from secateur.engine.session import BlockSession, PruneReport
 from secateur.errors import SecateurError
-from secateur.methods.base import LayerInfo, Method, SparsityTarget, prune_layer
+from secateur.methods.base import LayerInfo, Method, PruneResult, SparsityTarget, prune_layer
 from secateur.models.base import Adapter, LinearView
 from secateur.recipe import Recipe
 from secateur.stats import LinearStats
@@ -63,23 +65,34 @@ def prune_model(
     progress: bool = True,
     work_dir=None,
     world=None,
+    stream=None,
 ) -> PruneReport:
     """Prune `model` in place following `recipe`; return what was done, how long it took and
     the peak memory of the pruning phase. `work_dir` (`engine.workdir.WorkDir`): keep each
     completed block there, and take up the blocks an interrupted run completed. `world`: this
     process's `engine.distributed.World` under torchrun (see `BlockSession`: every rank prunes
-    every layer from the all-reduced statistics)."""
+    every layer from the all-reduced statistics). `stream`: the `StreamedModel` whose skeleton
+    `model` is (`prune --stream`: one block in memory at a time)."""
     with PeakMemory(device) as memory:
         report = _prune_model(model, adapter, method, recipe, input_ids, device=device, progress=progress,
-                              work_dir=work_dir, world=world)
+                              work_dir=work_dir, world=world, stream=stream)
     report.memory_mb = memory.result()
     return report
 
 
-def _prune_model(model, adapter, method, recipe, input_ids, *, device, progress, work_dir, world) -> PruneReport:
+def _prune_model(model, adapter, method, recipe, input_ids, *, device, progress, work_dir, world,
+                 stream) -> PruneReport:
     start = time.perf_counter()
     session = BlockSession(model, adapter, input_ids, device=device, progress=progress, work_dir=work_dir,
-                           world=world)
+                           world=world, stream=stream)
+    try:
+        return _prune_blocks(session, method, recipe, input_ids, start, progress)
+    finally:
+        session.close()
+
+
+def _prune_blocks(session: BlockSession, method, recipe, input_ids, start: float, progress: bool) -> PruneReport:
+    adapter = session.adapter
     report = PruneReport(warnings=session.warnings)
     blocks = adapter.blocks()
     needs_data = bool(method.needs) or recipe.block_allocation == "owl"
@@ -115,10 +128,18 @@ def _prune_model(model, adapter, method, recipe, input_ids, *, device, progress,
                 target = recipe.target(sparsities[index])
                 stats: dict[str, LinearStats] = {}
                 if method.needs:
-                    stats = session.gather(index, views, method.needs)
+                    # Gram or cross matrices: under torchrun each layer is solved by one owner rank.
+                    stats = session.gather(index, views, method.needs, owners=bool(method.needs & set(LARGE_SUMS)))
+                # A regional method (Wanda++): block-level gradients (and the dense outputs its fit
+                # needs) before pruning, the fit of the pruned block to the dense one after.
+                regional = RegionalPlan.of(method)
+                prepared = regional.prepare(session, index, block, views) if regional else None
                 with session.phase("pruning"):
-                    layers = [_prune_linear(session, block, name, view, method, stats.get(name), target)
+                    layers = [_prune_linear(session, block, name, view, method, stats.get(name), target,
+                                            prepared.gradients[name] if prepared else None)
                               for name, view in views.items()]
+                if prepared is not None:
+                    regional.optimize(session, index, block, views, prepared)
                 if needs_data and index + 1 < len(blocks):
                     session.advance(index)
                 session.complete(step, _block_state(adapter, block, views), {"layers": layers})
@@ -154,14 +175,19 @@ def _owl_ratios(session: BlockSession, recipe: Recipe, bar) -> list[float]:
     return ratios
 
 
-def _prune_linear(session: BlockSession, block, name, view, method, stats, target: SparsityTarget) -> dict:
-    """Prune one linear in place; returns its entry of the report."""
+def _prune_linear(session: BlockSession, block, name, view, method, stats, target: SparsityTarget,
+                  regional_grad: torch.Tensor | None = None) -> dict:
+    """Prune one linear in place; returns its entry of the report. `regional_grad`: the layer's
+    regional gradient, for a regional method (passed on in its `LayerInfo`)."""
     adapter = session.adapter
     full_name = session.layer_name(view)
     weight = view.get_weight().float()
     bias = view.get_bias()
-    layer = LayerInfo(role=adapter.layer_role(name))
-    result = prune_layer(method, weight, None if bias is None else bias.float(), stats, target, layer)
+    layer = LayerInfo(role=adapter.layer_role(name), regional_grad=regional_grad)
+    result = (prune_layer(method, weight, None if bias is None else bias.float(), stats, target, layer)
+              if session.solves(name) else None)  # torchrun's owner path: another rank solves it
+    result = PruneResult(session.share_result(name, result and result.weight),
+                         session.share_result(name, result and result.bias))
     view.set_weight(result.weight)
     entry = {"name": full_name, "shape": [view.out_features, view.in_features]}
     if result.bias is not None:

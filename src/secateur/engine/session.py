@@ -20,8 +20,13 @@ adapter, statistics are `LinearStats`, steps are names and tensors.
 
 Seams for streaming weights from disk and for torch.distributed, each one method with a
 default that does what a single process holding the whole model needs:
-- `fetch_block` / `release_block` bracket every use of a block (through `block`): a streaming
-  store materialises the block there and frees (or writes out) it after;
+- `fetch_block` / `release_block` bracket every use of a block (through `block`). With a
+  `stream` (a `secateur.models.streaming.StreamedModel`, `prune --stream`) the model is a
+  skeleton on the meta device: fetching materializes the block from the checkpoint (or, once
+  pruned, from the stream's scratch files), releasing frees it again, keeping what changed.
+  Capture materializes the embeddings for the time of the capture, windows go one by one into
+  the stream's activation list (on disk with `--offload-activations`), and a flow that needs the
+  whole model at once (`calibration_nll`) is refused: at most one block is in memory;
 - `reduce_stats` runs after every gather and `reduce_loss` after every loss sum: a distributed
   run all-reduces there, each rank having run its own share of the windows.
 
@@ -31,11 +36,14 @@ whole `input_ids`, but captures and runs only its contiguous share of the window
 every gather (`World.all_reduce_stats`), losses after every sum, and per-token values a method
 needs whole (a median) are gathered by `gather_tokens`. Every rank then prunes every layer
 itself, from the same totals: pruning is deterministic on the same hardware and software, so
-the ranks keep bitwise the same model without broadcasting weights. This is the simple choice,
-not the cheapest: each rank receives every Gram matrix and repeats every solve. The owner path
-(`World.assign_owners` + `reduce_stats_to`, one rank solving each layer and broadcasting its
-weights) would divide SparseGPT's solves between the ranks and is what to wire next where
-solves dominate. `calibration_nll` shares its windows between the ranks the same way.
+the ranks keep bitwise the same model without broadcasting weights. That is how the structured
+methods run (their solves are small beside their passes). Where the statistics hold Gram or
+cross matrices and each layer is solved on its own (SparseGPT, ALPS, TRIM: the unstructured
+engine), `gather(..., owners=True)` takes the owner path instead: each layer (layers sharing an
+input share one) gets an owner rank (`World.assign_owners`, balanced by solve cost), its large
+sums are reduced to the owner alone (`World.reduce_stats_to`; released elsewhere), the owner
+solves, and the result is broadcast (`share_result`): each rank solves about 1/N of the layers,
+and the Gram matrices travel once instead of twice. `calibration_nll` shares its windows between the ranks the same way.
 Traffic (bytes exchanged) is recorded per completed step in `traffic_bytes`.
 """
 
@@ -50,7 +58,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from secateur.engine.capture import BlockCall, capture_block_inputs, off_cpu, run_block
+from secateur.engine.capture import BlockCall, capture_block_inputs, capture_one_by_one, off_cpu, run_block
 from secateur.engine.distributed import World
 from secateur.errors import SecateurError
 from secateur.models.base import Adapter, LinearView
@@ -170,8 +178,9 @@ class BlockSession:
 
     def __init__(self, model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | None, *,
                  device: torch.device | str = "cpu", progress: bool = True, work_dir=None,
-                 world: World | None = None):
+                 world: World | None = None, stream=None):
         self.model = model
+        self.stream = stream
         self.adapter = adapter
         self.input_ids = input_ids  # every window: this rank runs its share (`own_windows`)
         self.world = world or World()
@@ -182,7 +191,9 @@ class BlockSession:
         self.warnings: list[str] = []
         self.calls: list[BlockCall] = []
         self.work_dir = work_dir
-        self._hidden: list[torch.Tensor] = []
+        self.owner: dict[str, int] = {}  # layer -> the rank that solves it (see `gather`'s owners)
+        self._owner_path = False
+        self._hidden: list[torch.Tensor] = []  # or, streamed with --offload-activations, a list on disk
         self._held: dict[int, int] = {}  # block index -> how many `block()` uses hold it now
         self._module_names: dict[nn.Module, str] = {}
         # Resume bookkeeping for the current pass's inputs: the file they were last saved to
@@ -221,14 +232,19 @@ class BlockSession:
 
     def fetch_block(self, index: int) -> nn.Module:
         """Make block `index` ready to run on the compute device and return it.
-        Seam: a streaming weight store loads the block's weights here."""
-        return self.adapter.blocks()[index].to(self.device)
+        Streamed: its weights are read here."""
+        block = self.adapter.blocks()[index]
+        if self.stream is not None:
+            self.stream.materialize(block)
+        return block.to(self.device)
 
     def release_block(self, index: int, block: nn.Module) -> None:
-        """Done with block `index` for now (it may have been pruned meanwhile).
-        Seam: a streaming weight store frees it here, or writes it out when it is final."""
+        """Done with block `index` for now (it may have been pruned meanwhile). Streamed: its
+        memory is freed here, what changed kept in the stream's scratch files."""
         if off_cpu(self.device):
             block.to("cpu")
+        if self.stream is not None:
+            self.stream.release(block)
 
     # --- the distributed seam ------------------------------------------------------------
     def reduce_stats(self, stats: dict[str, LinearStats]) -> dict[str, LinearStats]:
@@ -269,23 +285,43 @@ class BlockSession:
     def start_pass(self) -> None:
         """(Re)capture the first block's inputs, and every block's call, from the model as it is now."""
         with self.phase("capture"):
-            self._hidden, self.calls = capture_block_inputs(self.adapter, self.own_windows(), self.device)
+            if self.stream is None:
+                self._hidden, self.calls = capture_block_inputs(self.adapter, self.own_windows(), self.device)
+            else:
+                self.close()
+                self._hidden = self.stream.activation_list()
+                with self.stream.materialized(self.stream.front()):
+                    self.calls = capture_one_by_one(self.adapter, self.own_windows(), self.device, self._hidden)
         self._inputs_file, self._inputs_changed, self._inputs_to_load = None, False, None
+
+    def close(self) -> None:
+        """Let go of the pass's inputs (activations on disk are removed)."""
+        closing = getattr(self._hidden, "close", None)
+        if closing is not None:
+            closing()
+        self._hidden = []
 
     @property
     def hidden(self) -> list[torch.Tensor]:
         """The inputs of the next block to run, one (1, seqlen, hidden) tensor per window (this
         process's windows), on the CPU."""
         if self._inputs_to_load is not None:  # a resumed pass: the interrupted run's inputs
-            self._hidden = self.work_dir.load_inputs(self._inputs_to_load)
+            loaded = self.work_dir.load_inputs(self._inputs_to_load)
             self._inputs_to_load = None
+            self.close()
+            self._hidden = [] if self.stream is None else self.stream.activation_list()
+            for x in loaded:
+                self._hidden.append(x)
         return self._hidden
 
     @torch.no_grad()
     def gather(self, index: int, views: dict[str, LinearView], needs: frozenset[str],
-               advance: bool = False) -> dict[str, LinearStats]:
+               advance: bool = False, owners: bool = False) -> dict[str, LinearStats]:
         """Statistics of `views` (layers of block `index`) over every calibration window. With
-        `advance`, the same pass also replaces the inputs by the block's outputs."""
+        `advance`, the same pass also replaces the inputs by the block's outputs. With `owners`
+        (distributed runs): each layer's Gram and cross matrices are summed on its owner rank only
+        (`self.owner[name]`; None elsewhere), the rest on every rank; the owner solves the layer
+        (`solves`) and hands the result to the others (`share_result`)."""
         hidden = self.hidden
         with self.phase("calibration_forward"), self.block(index) as block:
             gatherer = SharedInputStats(views, needs)
@@ -301,10 +337,30 @@ class BlockSession:
         missing = sorted(set(views) - set(stats))
         if missing:
             raise SecateurError(f"layers {missing} were never called by their block; the adapter lists wrong layers")
-        stats = self.reduce_stats(stats)
+        self._owner_path = owners and self.world.distributed
+        if self._owner_path:
+            self.owner = self.world.assign_owners(stats, {name: view.out_features for name, view in views.items()})
+            stats = self.world.reduce_stats_to(self.owner, stats)
+        else:
+            self.owner = dict.fromkeys(stats, self.world.rank)
+            stats = self.reduce_stats(stats)
         for name, stat in stats.items():
             stat.check_finite(self.layer_name(views[name]))
         return stats
+
+    def solves(self, name: str) -> bool:
+        """Whether this process solves layer `name` of the last `gather` (every process does,
+        but on the owner path)."""
+        return self.owner.get(name, self.world.rank) == self.world.rank
+
+    def share_result(self, name: str, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        """The solving rank's `tensor` (a pruned weight, a bias, or None) for layer `name` of the
+        last `gather`, on every rank, bitwise, on the CPU; off the owner path every rank has its
+        own already."""
+        if not self._owner_path:
+            return tensor
+        shared = self.world.broadcast_tensor(tensor, src=self.owner[name])
+        return None if shared is None else shared.cpu()
 
     @torch.no_grad()
     def advance(self, index: int, observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
@@ -338,6 +394,9 @@ class BlockSession:
         """Mean next-token NLL of the whole model on the first `windows` calibration windows
         (the whole model goes to the device; used by searches that score by perplexity). Under
         torchrun the ranks share those windows."""
+        if self.stream is not None:
+            raise SecateurError("this method scores candidates by the whole model's calibration loss, which needs "
+                                "the whole model in memory: it does not run with --stream")
         self.model.to(self.device)
         total, count = 0.0, 0
         scored = self.input_ids[:windows]

@@ -19,22 +19,25 @@ from secateur.models.base import Adapter
 
 
 def prune_structured(model, adapter: Adapter, method, recipe, input_ids, *, device="cpu", progress=True,
-                     work_dir=None, world=None) -> PruneReport:
+                     work_dir=None, world=None, stream=None) -> PruneReport:
     """Run a structured method and describe the model it leaves: parameters before and after
     (decoder blocks only, as `--sparsity` counts them) and every block's kept shape.
     `work_dir` (`engine.workdir.WorkDir`): keep the method's completed steps there, and take up
     those an interrupted run completed. `world`: this process's `engine.distributed.World`
-    under torchrun."""
+    under torchrun. `stream`: the `StreamedModel` whose skeleton `model` is (`prune --stream`)."""
     if input_ids is None:
         raise SecateurError(f"method {recipe.method!r} needs calibration data; give --calib")
     start = time.perf_counter()
     session = BlockSession(model, adapter, input_ids, device=device, progress=progress, work_dir=work_dir,
-                           world=world)
+                           world=world, stream=stream)
     params_before = adapter.count_block_params()
     blocks_before = len(adapter.blocks())
     ffn_width_before = max(shape.ffn_width for shape in adapter.block_shapes())  # the dense width, for kept fractions
     with PeakMemory(device) as memory:
-        details = method.prune_model(session, recipe.sparsity) or {}
+        try:
+            details = method.prune_model(session, recipe.sparsity) or {}
+        finally:
+            session.close()
     report = PruneReport(warnings=session.warnings)
     report.memory_mb = memory.result()
     session.describe_world(report)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from secateur.engine.capture import capture_block_inputs, run_block
+from secateur.engine.capture import capture_one_by_one, run_block
 
 
 class _Replay(nn.Module):
@@ -49,10 +49,7 @@ def score_streamed(stream, windows: torch.Tensor, device, progress: bool) -> tup
     blocks = adapter.blocks()
     with stream.activation_store() as hidden:
         with stream.materialized(stream.front()):
-            calls = None
-            for window in windows:  # one window at a time, so `hidden` may live on disk
-                inputs, calls = capture_block_inputs(adapter, window.unsqueeze(0), device)
-                hidden.append(inputs[0])
+            calls = capture_one_by_one(adapter, windows, device, hidden)  # so `hidden` may live on disk
         for index, block in enumerate(tqdm(blocks, desc="perplexity blocks", unit="block", disable=not progress)):
             with stream.materialized(block):
                 block.to(device)

@@ -11,6 +11,7 @@ from secateur.methods import (  # noqa: F401
     sparsegpt,
     stade,
     wanda,
+    wanda_pp,
     wanda_sp,
 )
 from secateur.methods.base import (

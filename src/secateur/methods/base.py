@@ -67,6 +67,9 @@ class LayerInfo:
     """What the engine tells a method about the layer being pruned, beyond its tensors."""
 
     role: str  # secateur.roles.ROLE_NORMED ("normed") or ROLE_OUT ("out"), from the adapter
+    # For a method that declares `regional = True` (Wanda++): the root mean square over the
+    # calibration windows of ∂‖block output‖₂ / ∂W, (out, in) float32 (secateur.engine.regional).
+    regional_grad: torch.Tensor | None = None
 
 
 @dataclass
@@ -78,6 +81,12 @@ class PruneResult:
 class Method(Protocol):
     name: ClassVar[str]
     needs: ClassVar[frozenset[str]]  # statistics the engine must gather for each layer
+    # Optional (read with getattr, False when absent). True: before pruning each block the engine
+    # computes its regional gradients (passed as `LayerInfo.regional_grad`, so the method also sets
+    # `takes_layer_info`), and after, fits the block's kept weights to the dense block's outputs
+    # with the method's `iterations` rounds of `ro_samples` windows at learning rate `ro_lr`
+    # (secateur.engine.regional.RegionalPlan).
+    regional: ClassVar[bool]
 
     def prune(
         self, weight: torch.Tensor, bias: torch.Tensor | None, stats: LinearStats, target: SparsityTarget

@@ -355,6 +355,12 @@ class Putri(StructuredMethod):
     search_windows: int = 1
     damp: float = 0.01
 
+    @property
+    def streams(self) -> bool:
+        """Whether the flow holds one block at a time (`prune --stream`): the global plan may drop
+        blocks and the perplexity search runs the whole model."""
+        return self.allocation == "uniform" and self.head_score == "reconstruction"
+
     def __post_init__(self):
         for field, value, accepted in (("head_score", self.head_score, HEAD_SCORES),
                                        ("head_norm", self.head_norm, HEAD_NORMS),
@@ -431,15 +437,8 @@ class Putri(StructuredMethod):
         removed: list[list[int]] = [[] for _ in blocks]
         if (per_block is None and count == 0) or (per_block is not None and not any(per_block)):
             return removed
-        grams, energies = self._o_proj_grams(session)
-        # The dense o_proj, before any search zeroes columns: the refit's target.
-        dense_o = [adapter.head_units(block).consumer.get_weight().double().clone() for block in blocks]
+        scores, refit_inputs = self._o_proj_pass(session)
         if self.head_score == "reconstruction":
-            scores = []
-            for index, block in enumerate(blocks):
-                heads = adapter.head_units(block)
-                energy = group_energy(dense_o[index], grams[index], heads.consumer_columns)
-                scores.append(energy / energies[index] if self.head_norm == "residual" else energy)
             if per_block is None:
                 removed = lowest_groups(scores, count)
             else:
@@ -455,21 +454,25 @@ class Putri(StructuredMethod):
                 kept_columns = torch.cat([heads.consumer_columns[g] for g in keep])
                 new_weight = None
                 if self.refit_o_proj:
-                    gram = grams[index]
-                    new_weight = least_squares_refit(gram, gram @ dense_o[index].T, kept_columns, self.refit_damp,
-                                                     prior=dense_o[index][:, kept_columns]).float()
+                    gram, dense_o = refit_inputs[index]
+                    new_weight = least_squares_refit(gram, gram @ dense_o.T, kept_columns, self.refit_damp,
+                                                     prior=dense_o[:, kept_columns]).float()
                 adapter.keep_head_groups(block, keep)
                 if new_weight is not None:
                     adapter.head_units(block).consumer.set_weight(new_weight)
         return removed
 
-    def _o_proj_grams(self, session) -> tuple[list[torch.Tensor], list[float]]:
-        """One pass: every block's o_proj input Gram matrix (XᵀX / n) and the typical energy
-        ‖h‖² of the residual stream entering the block (`residual_energy`); one resumable step
-        per block ("putri-heads/<index>")."""
+    def _o_proj_pass(self, session) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """One pass over the blocks as stage 1 left them: each block's KV-group scores (the energy
+        each group adds to the o_proj output, read off the o_proj input Gram matrix XᵀX / n and
+        the dense o_proj, divided by the typical energy ‖h‖² of the residual stream entering the
+        block: `residual_energy`) and, when o_proj is refitted, the refit's (Gram matrix, dense
+        o_proj), which the later search must not have zeroed. Weights are read while the pass
+        holds the block, so a streamed run has one block in memory. One resumable step per block
+        ("putri-heads/<index>")."""
         adapter = session.adapter
         session.start_pass()
-        grams, energies = [], []
+        scores, refit_inputs = [], []
         count = len(adapter.blocks())
         for index in tqdm(range(count), desc="putri heads", unit="block", disable=not session.progress):
             step = f"putri-heads/{index}"
@@ -480,13 +483,20 @@ class Putri(StructuredMethod):
                     energy = residual_energy(session.hidden, session.gather_tokens)
                     stats = session.gather(index, {heads.consumer_name: heads.consumer}, frozenset({"gram"}),
                                            advance=index + 1 < count)[heads.consumer_name]
-                saved_gram = stats.gram / stats.count
-                session.complete(step, {"gram": saved_gram}, {"energy": energy})
+                    dense_o = heads.consumer.get_weight().double().clone()
+                    gram = stats.gram / stats.count
+                    group_scores = group_energy(dense_o, gram, heads.consumer_columns)
+                    if self.head_norm == "residual":
+                        group_scores = group_scores / energy
+                saved_tensors = {"scores": group_scores} | ({"gram": gram, "dense_o": dense_o}
+                                                            if self.refit_o_proj else {})
+                session.complete(step, saved_tensors)
             else:
-                saved_gram, energy = saved.tensors["gram"], saved.meta["energy"]
-            grams.append(saved_gram)
-            energies.append(energy)
-        return grams, energies
+                saved_tensors = saved.tensors
+            scores.append(saved_tensors["scores"])
+            if self.refit_o_proj:
+                refit_inputs.append((saved_tensors["gram"], saved_tensors["dense_o"]))
+        return scores, refit_inputs
 
     def _global_plan(self, session, sparsity: float) -> tuple[list[int], list[int], list[int]]:
         """Per-block FFN widths, KV-group counts and blocks to drop for allocation="global" (see the class doc)."""

@@ -4,10 +4,13 @@ Pruning and evaluation walk a decoder block by block, so only the block at hand 
 weights. `StreamedModel` builds the model from its config on the meta device (shapes and
 dtypes, no storage), then `materialize` reads exactly the tensors of one module from the
 checkpoint (safetensors tensor by tensor, or a GGUF dequantized tensor by tensor) and
-`release` puts that module back on the meta device, freeing its memory. `ShardWriter` writes
-finished modules to safetensors shards as they come, so a pruned checkpoint is never whole in
-memory either, and `DiskActivations` keeps the per-window hidden states on disk for runs whose
-activations do not fit.
+`release` puts that module back on the meta device, freeing its memory. A module changed while
+it was materialized (a pruned block) is kept, on release, in a scratch directory of the stream's
+own, and read from there when next materialized: a streamed prune can come back to a block (Putri
+prunes FFNs, then heads), and evaluate or save the pruned model, one block in memory at a time.
+`write_weights` then writes the model to safetensors shards module by module (`ShardWriter`), so
+a pruned checkpoint is never whole in memory either, and `DiskActivations` keeps the per-window
+hidden states on disk for runs whose activations do not fit.
 
 Names and values are those of the in-memory path, by construction: checkpoint keys are mapped
 to parameter names with transformers' own renaming rules (as `from_pretrained` applies them),
@@ -31,6 +34,8 @@ import mmap
 import os
 import secrets
 import shutil
+import tempfile
+import weakref
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Self
@@ -61,11 +66,14 @@ class StreamedModel:
     """A causal LM whose weights stay in their files until a module is materialized.
 
     `model` is the full module tree on the meta device; `adapter` reads it like any model.
-    Use as a context manager (or call `close`) so a GGUF's file mapping is let go.
+    Use as a context manager (or call `close`) so a GGUF's file mapping is let go and the scratch
+    directory of changed modules is removed. `scratch_dir`: where that directory is made (a new
+    hidden directory inside it; default: the system's temporary directory). A streamed prune
+    needs room there for the pruned blocks (at most the model's size).
     """
 
     def __init__(self, model: nn.Module, tokenizer, source: str, dtype: torch.dtype, weights: _WeightSource,
-                 offload_activations: str | Path | None = None):
+                 offload_activations: str | Path | None = None, scratch_dir: str | Path | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.source = source
@@ -73,6 +81,11 @@ class StreamedModel:
         self.adapter: Adapter = get_adapter(model)
         self.offload_activations = offload_activations
         self._weights = weights
+        self.scratch_dir = scratch_dir
+        self._scratch: _ScratchTensors | None = None  # made at the first release of a changed module
+        # stored name -> (the tensor as materialized, its version counter): what `release` compares
+        # with to tell a changed tensor (replaced, or changed in place) from an untouched one.
+        self._as_materialized: dict[str, tuple[weakref.ref, int]] = {}
         # {tied parameter: the parameter it shares}, e.g. lm_head.weight -> model.embed_tokens.weight
         self.tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
         self._names_at_open = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
@@ -84,7 +97,7 @@ class StreamedModel:
     # --- opening ---------------------------------------------------------------------
     @classmethod
     def open(cls, spec: str | None, *, dtype: torch.dtype = torch.float32,
-             offload_activations: str | Path | None = None) -> StreamedModel:
+             offload_activations: str | Path | None = None, scratch_dir: str | Path | None = None) -> StreamedModel:
         """Open a local checkpoint directory (safetensors, sharded or not), a .gguf file or a
         packaged alias without reading any weight."""
         from transformers import AutoTokenizer
@@ -106,10 +119,13 @@ class StreamedModel:
             raise SecateurError(f"streaming reads weights from local files; {location.source.removeprefix('hub:')!r} "
                                 "is a hub id: download it first (huggingface-cli download) and give the directory, "
                                 f"or give a .gguf file or an alias; {ACCEPTED}")
-        return cls(model, tokenizer, location.source, dtype, weights, offload_activations)
+        return cls(model, tokenizer, location.source, dtype, weights, offload_activations, scratch_dir)
 
     def close(self) -> None:
         self._weights.close()
+        if self._scratch is not None:
+            self._scratch.close()
+            self._scratch = None
 
     def __enter__(self) -> Self:
         return self
@@ -153,38 +169,54 @@ class StreamedModel:
     # --- materialize / release ---------------------------------------------------------
     def materialize(self, target: nn.Module | str | Iterable[nn.Module]) -> None:
         """Give every stored tensor (parameters and persistent buffers) of `target` (a module of
-        `model`, its dotted name, or a list of modules) its value from the files, on the CPU in the
-        run dtype. Tensors already real are left alone."""
+        `model`, its dotted name, or a list of modules) its value: as last released if it was
+        changed (see `release`), else from the files, on the CPU in the run dtype. Tensors already
+        real are left alone."""
         entries = [entry for module in self._modules(target) for entry in self._entries(module)]
         wanted = {}
         for owner, leaf, name, _ in entries:
             if _tensor_of(owner, leaf).is_meta:
                 wanted[name] = self._file_name(name)
-        real = self._real_tensors(set(wanted.values()))  # a tied source already loaded is shared, not reread
-        values = self._weights.read(sorted(set(wanted.values()) - set(real)), self.dtype)
-        values.update(real)
+        kept = {name for name in wanted if self._scratch is not None and name in self._scratch.names}
+        values = self._scratch.read(sorted(kept)) if kept else {}  # keyed by stored name
+        from_files = {wanted[name] for name in wanted if name not in kept}
+        real = self._real_tensors(from_files)  # a tied source already loaded is shared, not reread
+        read = self._weights.read(sorted(from_files - set(real)), self.dtype)
+        values.update({name: real.get(wanted[name], read.get(wanted[name])) for name in wanted if name not in kept})
         for owner, leaf, name, is_parameter in entries:
             if name not in wanted:
                 continue
             current = _tensor_of(owner, leaf)
-            value = values[wanted[name]]
+            value = values[name]
             if tuple(value.shape) != tuple(current.shape):
                 raise SecateurError(f"{self.source}: tensor {wanted[name]} has shape {list(value.shape)} in the "
                                     f"file but {list(current.shape)} in the model its config describes")
             _set_tensor(owner, leaf, value, is_parameter, current)
+            now = _tensor_of(owner, leaf)
+            self._as_materialized[name] = (weakref.ref(now), now._version)
 
     def release(self, target: nn.Module | str | Iterable[nn.Module]) -> None:
         """Put every stored tensor of `target` back on the meta device (same shape and dtype),
-        freeing its memory; its current shape is kept, so a sliced module stays sliced. Changes to
-        its values are lost: hand a pruned module to a `ShardWriter` before releasing it (a later
-        `materialize` reads the files again)."""
+        freeing its memory; its current shape is kept, so a sliced module stays sliced. A module
+        given here whose tensors changed since they were materialized (replaced, changed in place,
+        or added: a compensation bias) is first written whole to the scratch directory, which a
+        later `materialize` reads instead of the checkpoint."""
         for module in self._modules(target):
-            for owner, leaf, _, is_parameter in self._entries(module):
+            entries = [entry for entry in self._entries(module) if not _tensor_of(entry[0], entry[1]).is_meta]
+            if any(self._changed(name, _tensor_of(owner, leaf)) for owner, leaf, name, _ in entries):
+                if self._scratch is None:
+                    self._scratch = _ScratchTensors(self.scratch_dir or tempfile.gettempdir())
+                self._scratch.write({name: _tensor_of(owner, leaf).detach() for owner, leaf, name, _ in entries})
+            for owner, leaf, name, is_parameter in entries:
                 current = _tensor_of(owner, leaf)
-                if not current.is_meta:
-                    _set_tensor(owner, leaf, torch.empty(current.shape, dtype=current.dtype, device="meta"),
-                                is_parameter, current)
+                _set_tensor(owner, leaf, torch.empty(current.shape, dtype=current.dtype, device="meta"),
+                            is_parameter, current)
+                self._as_materialized.pop(name, None)
         _return_free_heap()
+
+    def _changed(self, name: str, tensor: torch.Tensor) -> bool:
+        seen = self._as_materialized.get(name)
+        return seen is None or seen[0]() is not tensor or seen[1] != tensor._version
 
     @contextlib.contextmanager
     def materialized(self, target: nn.Module | str | Iterable[nn.Module]) -> Iterator[None]:
@@ -203,6 +235,27 @@ class StreamedModel:
                 continue  # a tied head: written once, as the embedding it shares
             with self.materialized(module):
                 writer.add_module(module)
+
+    def write_weights(self, directory: str | Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
+        """Write the model as it is now (pruned blocks as last released) to safetensors shards in
+        `directory` with config.json, as `save_pretrained` would, one module in memory at a time;
+        returns the weight files. A structurally pruned model: `prepare_checkpoint` first, as for
+        save_pretrained."""
+        writer = ShardWriter(self.model, directory, max_shard_bytes=max_shard_bytes)
+        try:
+            for block in self.adapter.blocks():
+                with self.materialized(block):
+                    writer.add_module(block)
+            self.copy_outside_blocks(writer)
+            return writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+
+    def activation_list(self):
+        """A new, empty list for per-window hidden states: in memory, or on disk under
+        `offload_activations` (a `DiskActivations`: `close` it)."""
+        return [] if self.offload_activations is None else DiskActivations(self.offload_activations)
 
     def activation_store(self) -> contextlib.AbstractContextManager:
         """A list for per-window hidden states: in memory, or on disk under `offload_activations`
@@ -653,6 +706,100 @@ class _ShardFile:
 # --- activations on disk -------------------------------------------------------------------------
 
 
+class _HiddenDirectory:
+    """A new hidden directory `<parent>/.secateur-<kind>-<random>` (creating `parent` too if
+    needed), removed by `remove` with the directories it created; what `remove` finds still in
+    them (not written by secateur) is kept."""
+
+    def __init__(self, parent: str | Path, kind: str, flag: str):
+        parent = Path(parent).expanduser()
+        if parent.exists() and not parent.is_dir():
+            raise SecateurError(f"{flag} {str(parent)!r} is a file; give a directory (secateur writes into a new "
+                                "hidden directory inside it and removes that afterwards)")
+        self._created: list[Path] = []
+        missing = [p for p in [parent, *parent.parents] if not p.exists()]
+        try:
+            for directory in reversed(missing):
+                directory.mkdir()
+                self._created.append(directory)
+            self.path = parent / f".secateur-{kind}-{secrets.token_hex(6)}"
+            self.path.mkdir()
+        except OSError as error:
+            self.remove()
+            raise SecateurError(f"{flag} {str(parent)!r} is not writable ({error.strerror or error}); give a "
+                                "writable directory") from None
+        self._created.append(self.path)
+
+    def remove(self) -> None:
+        for directory in reversed(self._created):
+            with contextlib.suppress(OSError):  # not empty: someone else put something there; keep it
+                directory.rmdir()
+        self._created = []
+
+
+class _ScratchTensors:
+    """Modules changed by a streamed run, between their uses: one safetensors file per release,
+    in a hidden directory removed on `close` with every file written there. A name released again
+    points to its newest file; a file no name points to any more is deleted at once, so the
+    directory holds at most one copy of each changed tensor."""
+
+    def __init__(self, parent: str | Path):
+        self._directory = _HiddenDirectory(parent, "changed-modules", "the stream's scratch directory")
+        self.names: dict[str, Path] = {}  # stored name -> file holding its latest value
+        self._count = 0
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        path = self._directory.path / f"module-{self._count:06d}.safetensors"
+        self._count += 1
+        _write_safetensors(path, tensors)
+        replaced = {self.names[name] for name in tensors if name in self.names}
+        self.names.update(dict.fromkeys(tensors, path))
+        for old in replaced - set(self.names.values()):
+            old.unlink()
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        values = {}
+        for path in {self.names[name] for name in names}:
+            with safe_open(str(path), framework="pt") as handle:
+                values.update({name: handle.get_tensor(name) for name in names if self.names[name] == path})
+        return values
+
+    def close(self) -> None:
+        for path in [*set(self.names.values()), *self._directory.path.glob(".module-*.partial")]:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self.names = {}
+        self._directory.remove()
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """One safetensors file, header first and each tensor's bytes straight from its memory
+    (`safetensors.torch.save_file` would first copy every tensor into a bytes object: a second
+    block in memory)."""
+    header, offset, ordered = {}, 0, []
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise SecateurError(f"cannot write {name}: dtype {tensor.dtype} has no safetensors code")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+        ordered.append(tensor)
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    staged = path.with_name(f".{path.name}.partial")
+    with open(staged, "xb") as out:
+        out.write(len(encoded).to_bytes(8, "little"))
+        out.write(encoded)
+        for tensor in ordered:
+            if tensor.numel():
+                out.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    os.replace(staged, path)
+
+
 class DiskActivations:
     """The per-window hidden states as a list on disk: `store[i]`, `store[i] = t`, `append`, `len`,
     iteration, like the Python list the engine keeps in memory.
@@ -662,23 +809,8 @@ class DiskActivations:
     directories it created; nothing else is touched."""
 
     def __init__(self, parent: str | Path):
-        parent = Path(parent).expanduser()
-        if parent.exists() and not parent.is_dir():
-            raise SecateurError(f"--offload-activations {str(parent)!r} is a file; give a directory (secateur "
-                                "writes into a new hidden directory inside it and removes that afterwards)")
-        self._created: list[Path] = []
-        missing = [p for p in [parent, *parent.parents] if not p.exists()]
-        try:
-            for directory in reversed(missing):
-                directory.mkdir()
-                self._created.append(directory)
-            self.directory = parent / f".secateur-activations-{secrets.token_hex(6)}"
-            self.directory.mkdir()
-        except OSError as error:
-            self._remove_created()
-            raise SecateurError(f"--offload-activations {str(parent)!r} is not writable "
-                                f"({error.strerror or error}); give a writable directory") from None
-        self._created.append(self.directory)
+        self._directory = _HiddenDirectory(parent, "activations", "--offload-activations")
+        self.directory = self._directory.path
         self._count = 0
 
     def _path(self, index: int) -> Path:
@@ -726,13 +858,7 @@ class DiskActivations:
             for staged in self.directory.glob(".window-*.partial"):
                 staged.unlink()
         self._count = 0
-        self._remove_created()
-
-    def _remove_created(self) -> None:
-        for directory in reversed(self._created):
-            with contextlib.suppress(OSError):  # not empty: someone else put something there; keep it
-                directory.rmdir()
-        self._created = []
+        self._directory.remove()
 
     def __enter__(self) -> Self:
         return self
