@@ -296,3 +296,50 @@ def test_putri_global_allocation_drops_a_block_that_does_nothing(tmp_path):
                           overwrite=False)
     ids = calibration(dense, 1, seed=7)
     torch.testing.assert_close(logits(load_model(str(out)).model, ids), logits(model, ids), rtol=0, atol=1e-5)
+
+
+def test_output_gain_is_what_a_post_norm_does_to_a_small_error():
+    """Gemma's sandwich norms: an error Δy in the FFN output reaches the residual stream through
+    the post-FFN RMSNorm; `output_gain` predicts its energy there from the output statistics."""
+    from tiny_models import build_tiny_model
+
+    from secateur.methods.putri import output_gain
+
+    model = build_tiny_model("gemma3_text")
+    adapter = get_adapter(model)
+    block = adapter.blocks()[1]
+    norm = adapter.output_norm(block, "ffn")
+    assert norm is block.post_feedforward_layernorm and adapter.output_norm(block, "heads") is not None
+    assert get_adapter(build_tiny_model("llama")).output_norm(get_adapter(build_tiny_model("llama")).blocks()[0],
+                                                            "ffn") is None
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(norm.weight.shape, generator=generator) * 3)  # γ = 1 + w, far from 1
+        y = torch.randn(512, norm.weight.numel(), generator=generator) * 0.05  # a small output, as in late blocks
+        delta = torch.randn(y.shape, generator=generator) * 1e-4
+        reached = float((norm(y + delta) - norm(y)).double().square().sum())
+    predicted = output_gain(norm, y.double().square().sum(0), y.shape[0]) * float(delta.double().square().sum())
+    assert predicted == pytest.approx(reached, rel=0.1)
+    assert output_gain(None, y.square().sum(0), y.shape[0]) == 1.0
+
+
+def test_putri_global_allocation_is_blind_to_the_scale_a_post_norm_removes():
+    """With sandwich norms, scaling a block's down projection changes nothing the model computes
+    (the post-FFN RMSNorm divides the scale out), so it must change nothing the allocation
+    decides. Errors measured before the norm shrink with the scale (by 100 here), and such a
+    block was thinned first: the allocation emptied Gemma-3-270M's last blocks, whose FFN outputs
+    are small before their post-norms."""
+    from tiny_models import build_tiny_model
+
+    model = build_tiny_model("gemma3_text")
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        get_adapter(scaled).blocks()[1].mlp.down_proj.weight.mul_(0.1)
+    ids = calibration(model, 1, seed=5)
+    torch.testing.assert_close(logits(scaled, ids), logits(model, ids), rtol=1e-3, atol=1e-3)  # the same model
+
+    def widths(dense):
+        _, report = prune(dense, "putri", 0.3, allocation="global")
+        return [shape["ffn_width"] for shape in report.structure["blocks"]]
+
+    assert widths(scaled) == widths(model)

@@ -21,7 +21,7 @@ A method asks for these by declaring `regional = True` and the settings `Regiona
 (see `secateur.methods.base.Method`); the engine then runs `RegionalPlan.prepare` before pruning a
 block and `RegionalPlan.optimize` after.
 
-Memory: the gradient pass holds one window's activations and graph, plus one float32
+Memory: the gradient pass holds one window's activations and graph, plus one float64
 weight-shaped accumulator (and the gradient) per targeted linear. The fit holds the dense outputs
 of the windows it uses (as much as that many of the session's inputs) and, per targeted linear,
 float32 master weights, RMSprop's square averages, the gradient and a copy of the weights before
@@ -78,6 +78,8 @@ class RegionalPlan:
     def prepare(self, session, index: int, block: nn.Module, views: dict[str, LinearView]) -> RegionalState:
         """Before pruning block `index` (still dense): its regional gradients and, for the fit,
         the dense outputs of the windows the fit will use."""
+        if not views:  # every layer of the block --ignore'd: nothing to score or fit
+            return RegionalState({}, [], [], [])
         schedule = fit_schedule(len(session.input_ids), self.samples, self.rounds, seed=index)
         own = _own_range(session)
         positions = [window - own.start for window in sorted(set(schedule)) if window in own]
@@ -141,7 +143,9 @@ def regional_gradients(session, index: int, block: nn.Module, views: dict[str, L
     calibration windows (all ranks'): an (out, in) float32 matrix, as `view.get_weight()` orients
     the weight, on the weight's device. Nothing of the block changes."""
     weights = {name: view.module.weight for name, view in views.items()}
-    sums = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
+    # float64 sums, as the statistics': each window's float32 g² is added in float64, so the order of
+    # the additions (one process, or the ranks' sums) all but never changes the total (engine/distributed.py).
+    sums = {name: torch.zeros(w.shape, dtype=torch.float64, device=w.device) for name, w in weights.items()}
     call = _autograd_call(session.calls[index])
     hidden = session.hidden
     with session.phase("regional_gradients"), torch.enable_grad(), _only_trainable(block, weights.values()):
@@ -151,15 +155,16 @@ def regional_gradients(session, index: int, block: nn.Module, views: dict[str, L
             if not torch.isfinite(loss):
                 raise SecateurError(f"block {index}: the regional loss is NaN or Inf on a calibration window; "
                                     "use --dtype float32, or check the model and the calibration data")
-            grads = torch.autograd.grad(loss, list(weights.values()))
+            grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
             for name, grad in zip(weights, grads, strict=True):
-                sums[name].add_(grad.float().square())
+                if grad is not None:  # None: the output does not depend on that weight (gradient 0)
+                    sums[name].add_(grad.float().square())  # float32 square, float64 sum
             del out, loss, grads  # free this window's graph before the next
     count = session.world.all_reduce_sum(len(hidden))
     gradients = {}
     for name, view in views.items():
         total = session.world.all_reduce_sum(sums.pop(name))  # one layer at a time: no second copy of all
-        rms = total.div_(count).sqrt_()
+        rms = total.div_(count).sqrt_().float()
         gradients[name] = rms.T if view.transposed else rms
     return gradients
 
@@ -244,10 +249,10 @@ def _fit(session, index, block, views, inputs, targets, kept, steps, lr) -> Regi
             loss = (out.float() - targets[step].to(device).float()).square().sum()
             if not torch.isfinite(loss):
                 break  # diverged: the check below undoes the fit
-            grads = torch.autograd.grad(loss, parameters)
+            grads = torch.autograd.grad(loss, parameters, allow_unused=True)
             del out, loss
             for (name, master), grad in zip(masters.items(), grads, strict=True):
-                master.grad = grad.float().mul_(keep[name])
+                master.grad = torch.zeros_like(master) if grad is None else grad.float().mul_(keep[name])
             optimizer.step()
             with torch.no_grad():
                 for name, master in masters.items():

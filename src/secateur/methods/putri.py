@@ -297,6 +297,28 @@ def _check_index(name: str, index: torch.Tensor, size: int) -> torch.Tensor:
     return index
 
 
+def output_gain(norm, out_sumsq: torch.Tensor, count: int) -> float:
+    """How far the residual stream moves per unit of squared error in a unit's output, when that
+    output is normalised before the residual add (Gemma's sandwich norms: `norm` is the RMSNorm
+    the adapter names; 1.0 where the output is added as it is).
+
+    An RMSNorm maps y to γ ⊙ y / rms(y), so an error Δy reaches the residual stream as about
+    γ ⊙ Δy / rms(y): its energy is scaled by mean(γ²) / rms². rms² is the unit's mean output
+    energy per dimension on the calibration tokens (Σ y² / (tokens · d), from `out_sumsq`), and
+    γ is read by normalising a vector of ones (rms 1), whatever the family's convention for the
+    stored weight (Gemma stores γ − 1). Without this, an error measured before a post-norm is
+    compared across blocks on the wrong scale: on Gemma-3-270M the factor grows from ~40 in
+    block 0 to ~3·10⁷ in block 17, and the global allocation emptied the last blocks."""
+    if norm is None:
+        return 1.0
+    width = out_sumsq.numel()
+    weight = next(norm.parameters())
+    with torch.no_grad():
+        gamma_sq = float(norm(torch.ones(1, width, dtype=weight.dtype, device=weight.device)).double().square().mean())
+    mean_energy = float(out_sumsq.sum()) / (count * width)
+    return gamma_sq / mean_energy
+
+
 # --- the method: plumbing around the math above ---------------------------------------
 
 HEAD_SCORES = ("reconstruction", "perplexity")
@@ -480,14 +502,18 @@ class Putri(StructuredMethod):
             if saved is None:
                 with session.block(index) as block:
                     heads = adapter.head_units(block)
+                    norm = adapter.output_norm(block, "heads")
                     energy = residual_energy(session.hidden, session.gather_tokens)
-                    stats = session.gather(index, {heads.consumer_name: heads.consumer}, frozenset({"gram"}),
+                    needs = frozenset({"gram"} | ({"out_sumsq"} if norm is not None else set()))
+                    stats = session.gather(index, {heads.consumer_name: heads.consumer}, needs,
                                            advance=index + 1 < count)[heads.consumer_name]
                     dense_o = heads.consumer.get_weight().double().clone()
                     gram = stats.gram / stats.count
                     group_scores = group_energy(dense_o, gram, heads.consumer_columns)
                     if self.head_norm == "residual":
                         group_scores = group_scores / energy
+                        if norm is not None:  # the energy the residual stream receives (see output_gain)
+                            group_scores = group_scores * output_gain(norm, stats.out_sumsq, stats.count)
                 saved_tensors = {"scores": group_scores} | ({"gram": gram, "dense_o": dense_o}
                                                             if self.refit_o_proj else {})
                 session.complete(step, saved_tensors)
@@ -545,15 +571,18 @@ class Putri(StructuredMethod):
         widths = list(range(ffn.width, 0, -step))  # candidate widths, the dense one first, all >= 1
         tokens_energy = energy * down.count
         by_score = torch.argsort(scores, descending=True, stable=True)  # top_k(scores, w) = by_score[:w]
-        errors = nested_refit_errors(down.gram, weight, by_score, self.refit_damp) / tokens_energy
+        # Errors in what the residual stream receives (output_gain: 1 unless the output is normalised).
+        errors = (nested_refit_errors(down.gram, weight, by_score, self.refit_damp) / tokens_energy
+                  * output_gain(adapter.output_norm(block, "ffn"), down.out_sumsq, down.count))
         neuron_params = unit_params(ffn) // ffn.width
         # KV groups leave in ascending order of energy; group g's columns stay while it does.
         o_weight = heads.consumer.get_weight().double()
         energy_order = torch.argsort(group_energy(o_weight, o_stats.gram, heads.consumer_columns),
                                      descending=True, stable=True).tolist()
         columns = [heads.consumer_columns[g] for g in energy_order]
-        head_errors = nested_refit_errors(o_stats.gram, o_weight, torch.cat(columns), self.refit_damp,
-                                          self.refit_o_proj) / tokens_energy
+        head_errors = (nested_refit_errors(o_stats.gram, o_weight, torch.cat(columns), self.refit_damp,
+                                           self.refit_o_proj) / tokens_energy
+                       * output_gain(adapter.output_norm(block, "heads"), o_stats.out_sumsq, o_stats.count))
         kept_columns = [sum(len(c) for c in columns[:kept]) for kept in range(heads.num_groups, 0, -1)]
         return {
             "ffn_curve": [[float(errors[w]) for w in widths],

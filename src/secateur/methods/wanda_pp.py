@@ -7,20 +7,28 @@ the gradient of a loss local to one decoder block ("regional"), so one block's b
 one window at a time is enough, and repairs what pruning still breaks by a few optimiser steps
 on that block alone ("regional optimisation", RO).
 
-What the paper computes (arXiv 2503.04992; its equations as summarised in its overview and its
-authors' pointer to a community reproduction, github.com/TTTTTTris/wandaplus, and torchao's port):
+What the paper computes (arXiv 2503.04992). Sources: the loss, the score and α = 100 are the
+paper's as its abstract and published summaries state them; the aggregation over windows, the
+optimiser, 3e-7, M = 32, K = 5, 128 windows and the last re-pruning are the defaults of the
+community reproduction the paper itself points to for code (github.com/TTTTTTris/wandaplus; the
+authors could not release theirs), read to understand it, nothing copied:
   - regional loss of block l on calibration window n: L(X_n) = ‖f_l(X_n)‖₂, the ℓ2 norm of the
     block's output (the whole window's hidden states);
   - regional gradient score (RGS):  S_ij = (α·G_ij + ‖X_j‖₂)·|W_ij|,  α = 100, with G the
     gradient magnitude of L with respect to W aggregated over the N = 128 calibration windows as
     G = sqrt(Σ_n g_n² / N) (the reproduction's, and GBLM's ℓ2-over-samples aggregation; torchao's
     port averages |g_n| instead); the lowest scores go in each comparison group, as Wanda's;
-  - regional optimisation: minimise the squared error between the dense block's and the pruned
-    block's outputs on the same inputs, with RMSprop at learning rate 3e-7, one step per window,
-    on M = 32 windows drawn at random from the calibration set;
+  - regional optimisation: minimise the squared error (MSE) between the dense block's and the
+    pruned block's outputs on the same inputs, with RMSprop at learning rate 3e-7, one step per
+    window, on M = 32 windows drawn at random from the calibration set;
   - the loop, per block: K = 5 times (RGS prune, then RO), RO updating every weight of the block
     (pruned ones too), then a last RGS prune restores the sparsity; the pruned block's outputs
     are the next block's inputs.
+
+α's balance depends on the calibration budget: ‖X_j‖₂ grows as the square root of the number of
+calibration tokens while G, an average over windows, barely moves. α = 100 is the paper's for 128
+windows of 2048 tokens (secateur's defaults); with far fewer tokens the gradient term dominates
+(on the tiny test models, RGS alone then reconstructs worse than Wanda).
 
 Here (`regional = True`: the engine, `secateur.engine.regional`, does the block-level passes):
   - gradients are taken once, on the dense block, over every calibration window; the mask is
@@ -29,12 +37,12 @@ Here (`regional = True`: the engine, `secateur.engine.regional`, does the block-
   - RO runs `iterations` rounds of `ro_samples` random windows (one RMSprop step each, one
     optimiser for all rounds) with the mask held fixed: pruned weights get no gradient and stay
     exactly zero. Adaptation: the paper lets RO move pruned weights and prunes again; at
-    lr 3e-7 RMSprop moves a weight by at most ~10·lr per step (its first steps, where the square
-    average is smallest), ~5e-4 over the 160 steps, far below a kept weight of a trained model,
-    so the re-pruning takes back the grown weights and keeps nearly the same mask, but it also
-    undoes RO's work on them after the last fit. Holding the mask makes every step fit the
-    block that is kept, and makes re-scoring between rounds a no-op (pruned weights score 0),
-    so the K rounds are K·M steps of one fit and the gradients are not recomputed;
+    lr 3e-7 RMSprop moves a weight by at most 10·lr per step (lr/√(1−0.99)), 4.8e-4 over the
+    160 steps, well below a typical kept weight of a trained model, so the re-pruning zeroes
+    the grown weights again and keeps nearly the same mask, leaving the kept weights fitted to
+    a block that still had the grown ones. Holding the mask makes every step fit the block that
+    is kept, and makes re-scoring between rounds a no-op (pruned weights score 0), so the K
+    rounds are K·M steps of one fit and the gradients are not recomputed;
   - the fit is undone (with a warning) if it leaves the block's error on its windows higher than
     before it: a safeguard the paper does not have;
   - the error is a sum over the window, not a mean: RMSprop divides the gradient by its own

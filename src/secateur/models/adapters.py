@@ -67,6 +67,7 @@ class _LayoutAdapter(Adapter):
     linear_names: ClassVar[tuple[str, ...]]
     transposed: ClassVar[bool] = False  # GPT-2's Conv1D stores W as (in, out)
     bias_flags: ClassVar[dict[str, str]] = {}  # linear name → config flag that gives it a bias
+    output_norm_names: ClassVar[dict[str, str]] = {}  # unit ("ffn", "heads") → norm applied to its output
 
     def base_model(self) -> nn.Module:
         return _resolve(self.model, self.base_model_path)
@@ -128,6 +129,10 @@ class _LayoutAdapter(Adapter):
             if candidate is block:
                 return i
         raise SecateurError("the block given is not one of this model's decoder blocks")
+
+    def output_norm(self, block: nn.Module, unit: str) -> nn.Module | None:
+        name = self.output_norm_names.get(unit)
+        return None if name is None else _resolve(block, name)
 
     def ffn_units(self, block: nn.Module) -> FfnUnits:
         consumer = self._view(block, self.ffn_consumer_name)
@@ -353,8 +358,18 @@ class Qwen2Adapter(LlamaLikeAdapter):
 
 @register
 class AttentionBiasOnlyAdapter(LlamaLikeAdapter):
-    model_types = ("qwen3", "gemma3_text")
+    model_types = ("qwen3",)
     bias_flags: ClassVar[dict[str, str]] = dict.fromkeys(LlamaLikeAdapter._attention, "attention_bias")
+
+
+@register
+class Gemma3Adapter(AttentionBiasOnlyAdapter):
+    """Qwen3's layout plus sandwich norms: the attention and FFN outputs are normalised
+    (post_attention_layernorm, post_feedforward_layernorm) before the residual add."""
+
+    model_types = ("gemma3_text",)
+    output_norm_names: ClassVar[dict[str, str]] = {"heads": "post_attention_layernorm",
+                                                   "ffn": "post_feedforward_layernorm"}
 
 
 @register

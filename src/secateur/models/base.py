@@ -209,6 +209,12 @@ class Adapter:
     def head_units(self, block: nn.Module) -> HeadUnits:
         raise self._structured_unsupported("no attention head layout")
 
+    def output_norm(self, block: nn.Module, unit: str) -> nn.Module | None:
+        """The normalisation the output of `unit` ("ffn": the down projection; "heads": the
+        attention output projection) goes through before it is added to the residual stream
+        (Gemma's sandwich norms), or None where the output is added as it is (most families)."""
+        return None
+
     def keep_ffn(self, block: nn.Module, keep: torch.Tensor) -> None:
         """Keep FFN neurons `keep` (in that order) of `block`, physically."""
         raise self._structured_unsupported("cannot slice the FFN")
