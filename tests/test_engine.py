@@ -36,6 +36,13 @@ def untouched_state(model):
             and not name.endswith("bias")}
 
 
+def assert_untouched(dense, model) -> None:
+    """`model` has `dense`'s embeddings, norms and LM head, bit for bit."""
+    untouched = untouched_state(dense)
+    for name, value in untouched_state(model).items():
+        assert torch.equal(value, untouched[name]), name
+
+
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_captured_inputs_reproduce_the_models_own_forward(arch):
     """Running the blocks ourselves from the captured inputs and calls must give exactly the

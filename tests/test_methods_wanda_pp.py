@@ -12,7 +12,7 @@ import torch
 from conftest import file_tensors, tiny_model_and_text
 from safetensors.torch import load_file
 from test_distributed_prune import _args, _one_process
-from test_engine import calibration_ids, targeted_weights, untouched_state
+from test_engine import assert_untouched, calibration_ids, targeted_weights
 from test_methods import correlated_inputs, stats_for
 from test_stream_prune import _prune_both
 from tiny_models import build_tiny_model, tiny_tokenizer
@@ -216,10 +216,7 @@ def test_regional_optimization_lowers_the_block_error_and_keeps_the_mask(arch):
     # Deterministic: the same fit from the same start gives the same bits.
     _, _, _, _, again = _fit_block0(copy.deepcopy(dense), ids, lr=1e-3)
     assert all(torch.equal(again[name], weights[name]) for name in weights)
-    # Norms, embeddings and biases are not fitted.
-    untouched = untouched_state(dense)
-    for name, value in untouched_state(model).items():
-        assert torch.equal(value, untouched[name]), name
+    assert_untouched(dense, model)  # norms and embeddings are not fitted
 
 
 def test_a_fit_that_raises_the_error_is_undone():
@@ -249,9 +246,7 @@ def test_tiny_models_reach_the_target_sparsity(arch, pattern):
         else:
             assert (zeros.sum(1) == weight.shape[1] // 2).all(), name
     assert report.timings_s["regional_gradients"] > 0 and report.timings_s["regional_optimization"] > 0
-    untouched = untouched_state(dense)
-    for name, value in untouched_state(model).items():
-        assert torch.equal(value, untouched[name]), name
+    assert_untouched(dense, model)
 
 
 def test_refine_dsnot_runs_on_wanda_pp_masks():
