@@ -68,8 +68,8 @@ def _add_recipe_args(parser: argparse.ArgumentParser, *, grid: bool) -> None:
                              "WandaPruningModifier, MagnitudePruningModifier); flags override it")
     if grid:
         parser.add_argument("--methods", type=_csv, required=True,
-                            help="comma list: magnitude, wanda, stade, sparsegpt, alps, putri, flap, wanda-sp, "
-                                 "block-drop")
+                            help="comma list: magnitude, wanda, stade, sparsegpt, ria, dsnot, alps, wanda++, putri, "
+                                 "flap, wanda-sp, block-drop")
         parser.add_argument("--sparsities", type=_csv, default=["0.3", "0.5", "0.7"],
                             help="comma list of targets in [0, 1) (default 0.3,0.5,0.7)")
         parser.add_argument("--sparsity-type", dest="sparsity_types", type=_csv, default=None,
@@ -77,7 +77,7 @@ def _add_recipe_args(parser: argparse.ArgumentParser, *, grid: bool) -> None:
         parser.add_argument("--allocation", dest="allocations", type=_csv, default=None,
                             help="comma list: uniform, owl, trim, owl+trim (default uniform)")
     else:
-        parser.add_argument("--method", help="magnitude | wanda | stade | sparsegpt | alps (unstructured, N:M); "
+        parser.add_argument("--method", help="magnitude | wanda | stade | sparsegpt | ria | dsnot | alps | wanda++ (unstructured, N:M); "
                                              "putri | flap | wanda-sp | block-drop (structured). Default wanda")
         parser.add_argument("--sparsity", type=float, help="fraction of weights to remove, in [0, 1) (default 0.5)")
         parser.add_argument("--sparsity-type", help="unstructured | N:M such as 2:4, 4:8 (default unstructured)")

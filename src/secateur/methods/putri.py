@@ -349,7 +349,9 @@ class Putri(StructuredMethod):
         One pass over the model as loaded measures, for every block, the exact output error of
         its down_proj (after the least-squares refit) at `steps` candidate widths and of its
         o_proj with 0 … G−1 groups removed, each divided by the block's residual-stream energy
-        (the relative change of the block's output: comparable across blocks); a greedy
+        (the relative change of the block's output: comparable across blocks; where the family
+        normalises a unit's output before the residual add, Gemma's post-norms, the error is
+        first scaled by that norm's gain, `output_gain`); a greedy
         water-filling then removes, step by step, whatever adds the least relative error per
         parameter until the target is met (`allocate_steps`). With `drop_blocks` (default) whole
         blocks compete in the same budget: removing block l costs its relative output change
