@@ -470,9 +470,11 @@ def _cli_row(label: str, method: str, command: list[str], out: Path, seconds: fl
 
 
 def ranks_section(args, work: Path) -> list[dict]:
-    """For each method: 1 process (default threads), 2 processes under torchrun (one thread
-    each) and, with --ranks-stream, 2 streamed processes; each 2-process checkpoint is compared
-    with the 1-process one."""
+    """For each method: 1 process (default threads), 1 process with one thread, 2 processes under
+    torchrun (one thread each) and, with --ranks-stream, 2 streamed processes; each 2-process
+    checkpoint is compared with both 1-process ones. The one-thread run is the like-for-like
+    reference: a BLAS rounds differently with another thread count, and SparseGPT's sequential
+    updates carry such a rounding difference into other masks, block after block."""
     single_env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
     rank_env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
     rows = []
@@ -484,6 +486,12 @@ def ranks_section(args, work: Path) -> list[dict]:
             seconds, _ = timed(command, single_env)
             rows.append(_cli_row("1 process", method, command, one, seconds, 1, "default"))
             print(f"done ranks {method} 1 process: {seconds:.1f} s", file=sys.stderr)
+            one_thread = area / "one-thread"
+            command = cli_prune(args, method, one_thread)
+            seconds, _ = timed(command, rank_env)
+            rows.append(_cli_row("1 process, 1 thread", method, command, one_thread, seconds, 1, 1))
+            rows[-1]["vs_1_process"] = compare_checkpoints(one, one_thread)
+            print(f"done ranks {method} 1 process 1 thread: {seconds:.1f} s", file=sys.stderr)
             for label, stream in [("2 processes", False)] + ([("2 processes --stream", True)] if args.ranks_stream
                                                              else []):
                 two = area / label.replace(" ", "-").replace("--", "")
@@ -491,12 +499,25 @@ def ranks_section(args, work: Path) -> list[dict]:
                 seconds, _ = timed(command, rank_env)
                 row = _cli_row(label, method, command, two, seconds, 2, 1)
                 row["vs_1_process"] = compare_checkpoints(one, two)
+                row["vs_1_thread"] = compare_checkpoints(one_thread, two)
                 rows.append(row)
                 print(f"done ranks {method} {label}: {seconds:.1f} s", file=sys.stderr)
                 shutil.rmtree(two, ignore_errors=True)
         finally:
             shutil.rmtree(area, ignore_errors=True)
     return rows
+
+
+def _difference(compared: dict | None, default: dict | None) -> str:
+    """The two last cells of a ranks row: vs the 1-thread run, and (in brackets) vs the default-thread run."""
+    if compared is None and default is None:
+        return "— | —"
+    main = "—" if compared is None else f"{compared['max_rel_diff']:.2e}"
+    masks = "—" if compared is None else ("yes" if compared["same_masks"] else "**no**")
+    if default is not None:
+        main += f" ({default['max_rel_diff']:.2e} vs default threads)"
+        masks += f" ({'yes' if default['same_masks'] else 'no'})"
+    return f"{main} | {masks}"
 
 
 def resume_cost_section(args, work: Path) -> dict:
@@ -559,7 +580,8 @@ def render(summary: dict, args) -> str:
     lines = []
     if rows:
         lines += [
-            f"Command: `{summary['command']}`",
+            f"Command: `{summary.get('merged_from') or summary['command']}`"
+            + (f" (then `{summary['command']}`, which redid some sections)" if summary.get("merged_from") else ""),
             "",
             (f"Synthetic Llama checkpoint: {terms['checkpoint_mb']:.0f} MiB of fp32 weights in {terms['shards']} "
              "safetensors shards. Peak RSS of each run's work (fresh process; `baseline` = interpreter and "
@@ -622,21 +644,23 @@ def render(summary: dict, args) -> str:
             lines.append(f"Command: `{command}`  ")
         lines += [
             "",
-            ("1 process: torch's default thread count; 2 processes: OMP_NUM_THREADS=1 each. Bytes are what rank 0 "
-             "exchanged (results.json traffic_bytes)."),
+            ("1 process: torch's default thread count, or OMP_NUM_THREADS=1; 2 processes: OMP_NUM_THREADS=1 each. "
+             "Bytes are what rank 0 exchanged (results.json traffic_bytes). Differences: the largest relative one "
+             "over tensors, ‖a − b‖ / ‖a‖, against the 1-process run with the same thread count per process (and "
+             "in brackets against the default-thread run: another BLAS rounding, which SparseGPT carries into "
+             "other masks)."),
             "",
             ("| method | run | wall s | prune total s | world size | bytes exchanged | mean bytes / block step | "
-             "max rel diff vs 1 process | same masks |"),
+             "max rel diff vs 1 process (1 thread) | same masks |"),
             "|---|---|---:|---:|---:|---:|---:|---:|---|",
         ]
         for row in summary["ranks"]:
-            traffic, compared = row["traffic"], row.get("vs_1_process")
+            traffic, compared, default = row["traffic"], row.get("vs_1_thread"), row.get("vs_1_process")
             lines.append(
                 f"| {row['method']} | {row['run']} | {row['wall_s']:.1f} | {row['timings_s']['total']:.1f} | "
                 f"{row['world_size']} | " + ("— | — |" if traffic is None else
                                               f"{traffic['total_bytes']:,} | {traffic['mean_bytes_per_block_step']:,.0f} |")
-                + (" — | — |" if compared is None else
-                   f" {compared['max_rel_diff']:.2e} | {'yes' if compared['same_masks'] else '**no**'} |"))
+                + f" {_difference(compared, default)} |")
         lines.append("")
     cost = summary.get("resume_cost")
     if cost:
@@ -677,6 +701,8 @@ def main() -> None:
                         help="where the temporary checkpoints go, outside the repository (default "
                              f"{DEFAULT_WORK_DIR}); each run's directory is removed after use")
     parser.add_argument("--ranks", action="store_true", help="also: CLI prune in 1 process vs 2 under torchrun")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the sections of OUT/scale.json that this run does not redo (e.g. --modes '' --ranks)")
     parser.add_argument("--ranks-stream", action="store_true", help="--ranks: also 2 processes with --stream")
     parser.add_argument("--rank-methods", default="wanda,sparsegpt", help="--ranks: comma list of methods")
     parser.add_argument("--resume-cost", action="store_true", help="also: time lost to a kill and a resume")
@@ -721,6 +747,17 @@ def main() -> None:
         streamed = [row for row in rows if row["mode"] in BOUND_TERMS]
         summary.update(terms_mb=terms, runs=rows, streamed_peak_below_40pct=all(
             row["rss_peak_mb"] < 0.4 * terms["checkpoint_mb"] for row in streamed))
+    if args.merge and (out / "scale.json").is_file():  # keep the sections this run does not redo
+        previous = json.loads((out / "scale.json").read_text())
+        kept = {key: previous[key] for key in ("runs", "terms_mb", "streamed_peak_below_40pct", "ranks",
+                                                "resume_cost") if key in previous}
+        if not modes:
+            summary.update({k: v for k, v in kept.items() if k in ("runs", "terms_mb", "streamed_peak_below_40pct")})
+        if not args.ranks and "ranks" in kept:
+            summary["ranks"] = kept["ranks"]
+        if not args.resume_cost and "resume_cost" in kept:
+            summary["resume_cost"] = kept["resume_cost"]
+        summary["merged_from"] = previous.get("command")
     if args.ranks:
         summary["ranks"] = ranks_section(args, work)
     if args.resume_cost:
