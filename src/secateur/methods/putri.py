@@ -432,15 +432,20 @@ class Putri(StructuredMethod):
                 keep_width = widths[index]
                 cut = {}
                 if keep_width < ffn.width:
-                    stats = session.gather(index, {ffn.consumer_name: ffn.consumer}, needs)[ffn.consumer_name]
+                    name = ffn.consumer_name
+                    # Under torchrun the Gram matrix goes to one owner rank, which solves and
+                    # sends the kept neurons and the refitted weights to the others.
+                    stats = session.gather(index, {name: ffn.consumer}, needs, owners=True)[name]
                     self._warn_few_tokens(session, stats.count, keep_width)
-                    weight = ffn.consumer.get_weight().double()
-                    scores = ffn_neuron_scores(weight, stats.gram, stats.out_sumsq / stats.count, self.damp)
-                    keep = top_k(scores, keep_width)
-                    # Target: the dense layer's own output X Wᵀ (the bias stays as it is).
-                    new = least_squares_refit(stats.gram, stats.gram @ weight.T, keep, self.refit_damp,
-                                              prior=weight[:, keep])
-                    cut = {"keep": keep, "down_proj": new.float()}
+                    keep = new = None
+                    if session.solves(name):
+                        weight = ffn.consumer.get_weight().double()
+                        scores = ffn_neuron_scores(weight, stats.gram, stats.out_sumsq / stats.count, self.damp)
+                        keep = top_k(scores, keep_width)
+                        # Target: the dense layer's own output X Wᵀ (the bias stays as it is).
+                        new = least_squares_refit(stats.gram, stats.gram @ weight.T, keep, self.refit_damp,
+                                                  prior=weight[:, keep]).float()
+                    cut = {"keep": session.share_result(name, keep), "down_proj": session.share_result(name, new)}
                     _cut_ffn(adapter, block, **cut)
                 if index + 1 < count:
                     session.advance(index)
