@@ -39,7 +39,7 @@ itself, from the same totals: pruning is deterministic on the same hardware and 
 the ranks keep bitwise the same model without broadcasting weights. That is how the structured
 methods run (their solves are small beside their passes). Where the statistics hold Gram or
 cross matrices and each layer is solved on its own (SparseGPT, ALPS, TRIM: the unstructured
-engine), `gather(..., owners=True)` takes the owner path instead: each layer (layers sharing an
+engine; Putri's FFN refit), `gather(..., owners=True)` takes the owner path instead: each layer (layers sharing an
 input share one) gets an owner rank (`World.assign_owners`, balanced by solve cost), its large
 sums are reduced to the owner alone (`World.reduce_stats_to`; released elsewhere), the owner
 solves, and the result is broadcast (`share_result`): each rank solves about 1/N of the layers,
