@@ -79,6 +79,7 @@ VARIANTS = [
     Variant("wanda-owl", "wanda", allocation="owl", patterns=("0.6", "0.7"), cost=2),
     Variant("wanda-owl+trim", "wanda", allocation="owl+trim", patterns=("0.6", "0.7"), cost=2),
     Variant("best-owl+trim", BEST_SCORER, allocation="owl+trim", patterns=("0.6", "0.7"), cost=2),
+    Variant("wanda++", "wanda++", cost=2),  # ~5.5× Wanda: one block backward per window plus the block fit
     Variant("alps", "alps", cost=3),
     # ALPS offers TRIM its first ranking (trim_scores), so TRIM costs it one ALPS run per layer.
     Variant("alps-owl+trim", "alps", allocation="owl+trim", patterns=("0.6", "0.7"), cost=4),
