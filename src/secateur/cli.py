@@ -397,9 +397,10 @@ def _check_stream_args(args, options) -> None:
     if args.offload_activations is not None and not args.stream:
         raise SecateurError("--offload-activations goes with --stream (without it the model and its activations "
                             "are in memory anyway)")
-    if args.offload_activations is not None and Path(args.offload_activations).expanduser().is_file():
-        raise SecateurError(f"--offload-activations {args.offload_activations!r} is a file; give a directory "
-                            "(secateur writes into a new hidden directory inside it and removes that afterwards)")
+    if args.offload_activations is not None:  # refused before any work, not when the first pass starts
+        from secateur.models.streaming import check_directory_parent
+
+        check_directory_parent(args.offload_activations, "--offload-activations")
     if args.stream and options.tasks:
         raise SecateurError("--tasks (lm-evaluation-harness) needs the whole model in memory; with --stream, "
                             "perplexity (--eval / --datasets) runs block by block")

@@ -258,11 +258,9 @@ class StreamedModel:
         return [] if self.offload_activations is None else DiskActivations(self.offload_activations)
 
     def activation_store(self) -> contextlib.AbstractContextManager:
-        """A list for per-window hidden states: in memory, or on disk under `offload_activations`
-        (removed on exit)."""
-        if self.offload_activations is None:
-            return contextlib.nullcontext([])
-        return DiskActivations(self.offload_activations)
+        """`activation_list` as a context manager (activations on disk are removed on exit)."""
+        store = self.activation_list()
+        return store if isinstance(store, DiskActivations) else contextlib.nullcontext(store)
 
     # --- internals ------------------------------------------------------------------------
     def _modules(self, target) -> list[nn.Module]:
@@ -706,16 +704,22 @@ class _ShardFile:
 # --- activations on disk -------------------------------------------------------------------------
 
 
+def check_directory_parent(parent: str | Path, flag: str) -> Path:
+    """Refuse a file where secateur is to make a hidden working directory (`flag` names the option)."""
+    parent = Path(parent).expanduser()
+    if parent.exists() and not parent.is_dir():
+        raise SecateurError(f"{flag} {str(parent)!r} is a file; give a directory (secateur writes into a new "
+                            "hidden directory inside it and removes that afterwards)")
+    return parent
+
+
 class _HiddenDirectory:
     """A new hidden directory `<parent>/.secateur-<kind>-<random>` (creating `parent` too if
     needed), removed by `remove` with the directories it created; what `remove` finds still in
     them (not written by secateur) is kept."""
 
     def __init__(self, parent: str | Path, kind: str, flag: str):
-        parent = Path(parent).expanduser()
-        if parent.exists() and not parent.is_dir():
-            raise SecateurError(f"{flag} {str(parent)!r} is a file; give a directory (secateur writes into a new "
-                                "hidden directory inside it and removes that afterwards)")
+        parent = check_directory_parent(parent, flag)
         self._created: list[Path] = []
         missing = [p for p in [parent, *parent.parents] if not p.exists()]
         try:
