@@ -203,15 +203,6 @@ def _perplexity_streamed(spec: dict, memory) -> dict:
     return {"perplexity": result["perplexity"]}
 
 
-def _high_water_mb() -> float | None:
-    """The process's RSS high-water mark now (VmHWM, MiB), None where /proc does not say."""
-    try:
-        with open("/proc/self/status") as status:
-            return next((int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:")), None)
-    except OSError:
-        return None
-
-
 def _prune(spec: dict, memory, *, streamed: bool, offload: bool) -> dict:
     """Prune the checkpoint and save it into a new run directory under spec["work_dir"] (kept for
     the parent to compare; removed here if the run fails). The tokenizer and the calibration
@@ -239,7 +230,6 @@ def _prune(spec: dict, memory, *, streamed: bool, offload: bool) -> dict:
                 with StreamedModel.open(model_dir, scratch_dir=run_dir,
                                         offload_activations=run_dir / "activations" if offload else None) as stream:
                     seconds["open_s"] = time.perf_counter() - started
-                    peak_before_prune = _high_water_mb()
                     started = time.perf_counter()
                     stream, report = secateur.prune(stream, recipe, ids, progress=False)
                     seconds["prune_s"] = time.perf_counter() - started
@@ -250,7 +240,6 @@ def _prune(spec: dict, memory, *, streamed: bool, offload: bool) -> dict:
                 started = time.perf_counter()
                 loaded = secateur.load(str(model_dir))
                 seconds["load_s"] = time.perf_counter() - started
-                peak_before_prune = _high_water_mb()
                 started = time.perf_counter()
                 model, report = secateur.prune(loaded.model, recipe, ids, progress=False)
                 seconds["prune_s"] = time.perf_counter() - started
@@ -261,7 +250,6 @@ def _prune(spec: dict, memory, *, streamed: bool, offload: bool) -> dict:
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
     return {**{key: round(value, 3) for key, value in seconds.items()}, "timings_s": report.timings_s,
-            "rss_peak_before_prune_mb": None if peak_before_prune is None else round(peak_before_prune, 1),
             "report_memory_mb": report.memory_mb, "sparsity_achieved": round(report.sparsity_achieved, 6),
             "method": spec["method"], "run_dir": str(run_dir), "checkpoint": str(out)}
 
@@ -312,11 +300,7 @@ def child(spec: dict) -> dict:
     result = MODES[spec["mode"]](spec, memory)
     figures = memory.result()
     figures["rss_peak_scope"] = "this run's work" if memory.phase_only else "whole process"
-    # secateur.prune measures its own phase with a PeakMemory too, which resets the high-water
-    # mark when it starts: the peak of loading/opening is read just before and kept here.
-    before = result.get("rss_peak_before_prune_mb")
-    if before is not None and before > figures["rss_peak_mb"]:
-        figures["rss_peak_mb"] = round(before, 1)
+    # secateur.prune's own PeakMemory nests inside this one: the peak of loading is kept.
     return {"mode": spec["mode"], **result, **figures}
 
 
