@@ -37,7 +37,10 @@ from secateur.trim import TRIM_NEEDS, with_row_allocation
 
 DEFAULT_LAYERS = "q_proj,o_proj,up_proj,down_proj"
 # TRIM's per-layer search with the other per-layer methods, beside methods.py's wanda-trim.
-LAYER_VARIANTS = [v for v in VARIANTS if v.allocation in ("uniform", "trim") and v.method != BEST_SCORER] + [
+# Block-level variants (Wanda++'s regional gradients and fit, block_fit=K) are left out: a lone layer
+# has no block to differentiate or fit.
+LAYER_VARIANTS = [v for v in VARIANTS if v.allocation in ("uniform", "trim") and v.method not in (BEST_SCORER, "wanda++")
+                  and not v.options.get("block_fit")] + [
     Variant("ria-trim", "ria", allocation="trim", patterns=UNSTRUCTURED, cost=2),
     # No trim_scores: TRIM's search runs SparseGPT for every candidate (tens per layer).
     Variant("sparsegpt-trim", "sparsegpt", allocation="trim", patterns=UNSTRUCTURED, cost=4),

@@ -81,6 +81,10 @@ VARIANTS = [
     Variant("best-owl+trim", BEST_SCORER, allocation="owl+trim", patterns=("0.6", "0.7"), cost=2),
     Variant("wanda++", "wanda++", cost=2),  # ~5.5× Wanda: one block backward per window plus the block fit
     Variant("alps", "alps", cost=3),
+    # block_fit=K: each pruned block's kept weights fitted to the dense block (one round of 32 windows).
+    Variant("wanda+fit", "wanda", {"block_fit": 1}, cost=3),
+    Variant("sparsegpt+fit", "sparsegpt", {"block_fit": 1}, cost=3),
+    Variant("alps+fit", "alps", {"block_fit": 1}, cost=4),
     # ALPS offers TRIM its first ranking (trim_scores), so TRIM costs it one ALPS run per layer.
     Variant("alps-owl+trim", "alps", allocation="owl+trim", patterns=("0.6", "0.7"), cost=4),
 ]

@@ -210,6 +210,9 @@ CASES = {
     "method option invalid yaml": ([*PRUNE, "--method", "sparsegpt", "--method-option", "blocksize=[1"], "YAML"),
     "method option wrong type": ([*PRUNE, "--method", "sparsegpt", "--method-option", "blocksize=abc"], "int"),
     "method option bool for float": ([*PRUNE, "--method", "sparsegpt", "--method-option", "damp=yes"], "float"),
+    "block fit negative": ([*PRUNE, "--method", "sparsegpt", "--method-option", "block_fit=-1"], "block_fit"),
+    "block fit lr alone": ([*PRUNE, "--method", "wanda", "--method-option", "block_fit_lr=1e-4"], "block_fit"),
+    "block fit on wanda++": ([*PRUNE, "--method", "wanda++", "--method-option", "block_fit=1"], "fits its blocks"),
     # eval
     "eval seqlen zero (eval)": ([*EVAL, "--seqlen", "0"], ">= 2"),
     "eval json is cwd": ([*EVAL, "--json", "."], "--json '.'"),

@@ -219,6 +219,8 @@ def _recipe_fields(args) -> dict:
     if args.ignore:
         base["ignore"] = [pattern for item in args.ignore for pattern in _csv(item)]
     if args.method_option:
+        from secateur.recipe import load_yaml  # recipes' YAML: 3e-7 is a number there too
+
         options, given = dict(base.get("method_options") or {}), set()
         for item in args.method_option:
             key, sep, value = item.partition("=")
@@ -228,7 +230,7 @@ def _recipe_fields(args) -> dict:
                 raise SecateurError(f"--method-option {key.strip()} is given twice; give each option once")
             given.add(key.strip())
             try:
-                options[key.strip()] = yaml.safe_load(value)
+                options[key.strip()] = load_yaml(value)
             except yaml.YAMLError as error:
                 raise SecateurError(f"--method-option {item!r}: the value is not valid YAML "
                                     f"({str(error).splitlines()[0]}); give a number, a word or a quoted string") \

@@ -60,6 +60,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.1 (PyYAML) reads 3e-7 as a string: it wants a dot (3.0e-7). Learning rates are written
+# the short way, so a number with an exponent and no dot is a float here too (as in YAML 1.2).
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
 def load_yaml(text: str):
     """YAML as recipes read it: safe, and a key given twice is an error."""
     return yaml.load(text, Loader=_UniqueKeyLoader)

@@ -19,7 +19,9 @@ services to the sequential engine, knowing no method and no architecture (the bl
 
 A method asks for these by declaring `regional = True` and the settings `RegionalPlan.of` reads
 (see `secateur.methods.base.Method`); the engine then runs `RegionalPlan.prepare` before pruning a
-block and `RegionalPlan.optimize` after.
+block and `RegionalPlan.optimize` after. `block_fit=K` on any per-layer method
+(`secateur.methods.base.BlockFitMethod`) declares the fit alone (`regional_gradients = False`): no
+gradient pass, the method's own masks, then the same fit.
 
 Memory: the gradient pass holds one window's activations and graph, plus one float64
 weight-shaped accumulator (and the gradient) per targeted linear. The fit holds the dense outputs
@@ -57,12 +59,14 @@ __all__ = [
 @dataclass(frozen=True)
 class RegionalPlan:
     """What a regional method asks of the engine for every block: its regional gradients before
-    pruning, then `rounds` rounds of regional optimisation, each on `samples` windows drawn at
+    pruning (unless `gradients` is False), then `rounds` rounds of regional optimisation, each on `samples` windows drawn at
     random (one RMSprop step per window, learning rate `lr`). `rounds = 0`: gradients only."""
 
     rounds: int
     samples: int
     lr: float
+    gradients: bool = True  # False: the fit alone (a BlockFitMethod), no regional gradients
+    lr_option: str = "ro_lr"  # the option that sets `lr`, named when a fit is undone
 
     @staticmethod
     def of(method) -> RegionalPlan | None:
@@ -73,7 +77,9 @@ class RegionalPlan:
             inner = getattr(inner, "method", None)
         if inner is None:
             return None
-        return RegionalPlan(rounds=inner.iterations, samples=inner.ro_samples, lr=inner.ro_lr)
+        return RegionalPlan(rounds=inner.iterations, samples=inner.ro_samples, lr=inner.ro_lr,
+                            gradients=getattr(inner, "regional_gradients", True),
+                            lr_option=getattr(inner, "lr_option", "ro_lr"))
 
     def prepare(self, session, index: int, block: nn.Module, views: dict[str, LinearView]) -> RegionalState:
         """Before pruning block `index` (still dense): its regional gradients and, for the fit,
@@ -84,7 +90,8 @@ class RegionalPlan:
         own = _own_range(session)
         positions = [window - own.start for window in sorted(set(schedule)) if window in own]
         targets = block_outputs(session, index, block, positions)
-        return RegionalState(regional_gradients(session, index, block, views), schedule, positions, targets)
+        gradients = regional_gradients(session, index, block, views) if self.gradients else {}
+        return RegionalState(gradients, schedule, positions, targets)
 
     def optimize(self, session, index: int, block: nn.Module, views: dict[str, LinearView],
                  state: RegionalState) -> RegionalFit | None:
@@ -98,7 +105,7 @@ class RegionalPlan:
         if fit.reverted:
             message = (f"block {index}: regional optimisation raised the block's output error on its windows "
                        f"({fit.error_before:.4g} -> {fit.error_after:.4g}); the block keeps its pruned weights "
-                       "without it (lower ro_lr)")
+                       f"without it (lower {self.lr_option})")
             session.warnings.append(message)
         return fit
 

@@ -130,13 +130,13 @@ def _prune_blocks(session: BlockSession, method, recipe, input_ids, start: float
                 if method.needs:
                     # Gram or cross matrices: under torchrun each layer is solved by one owner rank.
                     stats = session.gather(index, views, method.needs, owners=bool(method.needs & set(LARGE_SUMS)))
-                # A regional method (Wanda++): block-level gradients (and the dense outputs its fit
+                # A regional method (Wanda++, or block_fit=K): block-level gradients (and the dense outputs its fit
                 # needs) before pruning, the fit of the pruned block to the dense one after.
                 regional = RegionalPlan.of(method)
                 prepared = regional.prepare(session, index, block, views) if regional else None
                 with session.phase("pruning"):
                     layers = [_prune_linear(session, block, name, view, method, stats.get(name), target,
-                                            prepared.gradients[name] if prepared else None)
+                                            prepared.gradients.get(name) if prepared else None)
                               for name, view in views.items()]
                 if prepared is not None:
                     regional.optimize(session, index, block, views, prepared)

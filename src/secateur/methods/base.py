@@ -14,6 +14,11 @@ four-argument `prune` and never see it (`prune_layer` is the engine's one call s
 Any per-layer method also accepts the option `refine=<refiner>` (e.g. `refine=dsnot`): a
 refiner improves the mask the method chose, given the dense weight and the statistics it asks
 for. `get_method` then returns a `RefinedMethod`, which the engine sees as one more method.
+
+Any per-layer method also accepts `block_fit=<rounds>` (with `block_fit_lr`, `block_fit_windows`):
+after each decoder block is pruned, its kept weights are fitted to the dense block's outputs
+(the regional optimisation of Wanda++, `secateur.engine.regional`), the mask held fixed.
+`get_method` then returns a `BlockFitMethod`.
 """
 
 from __future__ import annotations
@@ -106,6 +111,9 @@ class Refiner(Protocol):
 
 
 REFINE_OPTION = "refine"
+# block_fit=K: K rounds of regional optimisation after each block (0: none); the learning rate and
+# windows per round default to what `benchmarks/methods.py`'s block-fit ablation chose under P0.
+BLOCK_FIT_DEFAULTS = {"block_fit": 0, "block_fit_lr": 1e-5, "block_fit_windows": 32}
 REFINERS: dict[str, Refiner] = {}  # filled by the modules that define them (register_refiner)
 
 
@@ -148,6 +156,68 @@ class RefinedMethod(MethodWrapper):
     def prune(self, weight, bias, stats, target, layer: LayerInfo | None = None) -> PruneResult:
         result = prune_layer(self.method, weight, bias, stats, target, layer)
         return REFINERS[self.refiner].refine(weight, bias, result, stats, target)
+
+
+@dataclass(frozen=True)
+class BlockFitMethod(MethodWrapper):
+    """A per-layer method whose pruned blocks are then fitted to the dense ones (`block_fit=K`).
+
+    Each layer is pruned exactly as the method alone prunes it; after the whole block is pruned,
+    the engine runs K rounds of `windows` random calibration windows of regional optimisation
+    (`secateur.engine.regional`: one RMSprop step per window at learning rate `lr` on the
+    block's kept weights, fitting its outputs to the dense block's, pruned weights held at zero,
+    undone if the block's error on those windows ends higher). It is Wanda++'s second half
+    without its regional gradients, so it composes with any mask (SparseGPT, ALPS, RIA, …).
+    """
+
+    rounds: int = 0
+    windows: int = BLOCK_FIT_DEFAULTS["block_fit_windows"]
+    lr: float = BLOCK_FIT_DEFAULTS["block_fit_lr"]
+    regional: ClassVar[bool] = True  # read by RegionalPlan.of: the block-level fit ...
+    regional_gradients: ClassVar[bool] = False  # ... without the regional gradients
+    lr_option: ClassVar[str] = "block_fit_lr"
+
+    @property
+    def iterations(self) -> int:  # the names RegionalPlan reads (Wanda++'s options)
+        return self.rounds
+
+    @property
+    def ro_samples(self) -> int:
+        return self.windows
+
+    @property
+    def ro_lr(self) -> float:
+        return self.lr
+
+    def __getattr__(self, name: str):
+        # The layer result is the inner method's, so TRIM may rank by its first scores.
+        if name == "trim_scores":
+            return getattr(self.method, name)
+        raise AttributeError(name)
+
+    def prune(self, weight, bias, stats, target, layer: LayerInfo | None = None) -> PruneResult:
+        return prune_layer(self.method, weight, bias, stats, target, layer)
+
+
+def _block_fit(name: str, method: Method, options_given: dict) -> Method:
+    """`method` wrapped in a `BlockFitMethod` when the block-fit options given ask for rounds."""
+    rounds, lr, windows = (options_given.get(key, BLOCK_FIT_DEFAULTS[key]) for key in BLOCK_FIT_DEFAULTS)
+    for key, value, ok in (("block_fit", rounds, isinstance(rounds, int) and rounds >= 0),
+                           ("block_fit_windows", windows, isinstance(windows, int) and windows >= 1),
+                           ("block_fit_lr", lr, isinstance(lr, int | float) and lr > 0 and lr < float("inf"))):
+        if isinstance(value, bool) or not ok:
+            raise SecateurError(f"option {key}={value!r} of method {name!r}: block_fit is a number of rounds >= 0, "
+                                "block_fit_windows an integer >= 1, block_fit_lr a finite number > 0 (defaults "
+                                f"{BLOCK_FIT_DEFAULTS})")
+    if not rounds:
+        if set(options_given) - {"block_fit"}:
+            raise SecateurError(f"option(s) {sorted(set(options_given) - {'block_fit'})} of method {name!r} set "
+                                "the block fit, which runs only with block_fit=<rounds> >= 1")
+        return method
+    if getattr(method, "regional", False):
+        raise SecateurError(f"method {name!r} fits its blocks itself (its own iterations, ro_lr options); "
+                            "block_fit is for the other per-layer methods")
+    return BlockFitMethod(method, rounds=rounds, windows=windows, lr=float(lr))
 
 
 def prune_layer(
@@ -197,7 +267,8 @@ def _method_class(name: str) -> type:
 def method_option_names(name: str) -> set[str]:
     """The recipe parameters (`--method-option KEY=VALUE`) that method `name` accepts."""
     cls = _method_class(name)
-    return set(_option_fields(cls)) | ({REFINE_OPTION} if not getattr(cls, "structured", False) else set())
+    wrappers = {REFINE_OPTION, *BLOCK_FIT_DEFAULTS}
+    return set(_option_fields(cls)) | (wrappers if not getattr(cls, "structured", False) else set())
 
 
 def _option_fields(cls: type) -> dict[str, dataclasses.Field]:
@@ -244,10 +315,12 @@ def get_method(name: str, **options) -> Method:
             f"unknown option(s) {unknown} for method {name!r}; accepted: {', '.join(sorted(accepted)) or 'none'}"
         )
     refiner = options.pop(REFINE_OPTION, None)
+    fit_options = {key: options.pop(key) for key in BLOCK_FIT_DEFAULTS if key in options}
     for key, value in options.items():
         _check_option_type(name, fields[key], value)
     try:
         method = cls(**options)
     except (TypeError, ValueError) as error:  # a method's own range check
         raise SecateurError(f"method {name!r}: {error}") from None
-    return method if refiner is None else _refined(name, method, refiner)
+    method = method if refiner is None else _refined(name, method, refiner)
+    return _block_fit(name, method, fit_options)
