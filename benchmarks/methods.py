@@ -2,12 +2,15 @@
 
 Methods: magnitude, Wanda, STADE, SparseGPT (the earlier ones), RIA (with its channel
 permutation at N:M), DSnoT (Wanda's mask refined), any method refined by DSnoT
-(`refine=dsnot`), ALPS; allocations OWL (per block), TRIM (per row) and OWL+TRIM, with Wanda
-and with the best plain scorer of the same run. Patterns: 50 %, 60 %, 70 %, 2:4, 4:8.
+(`refine=dsnot`), ALPS, Wanda++, Wanda/SparseGPT/ALPS with each pruned block fitted to the dense
+one (`block_fit=1`, with an ablation of its learning rate and rounds at 50 %); allocations OWL
+(per block), TRIM (per row) and OWL+TRIM, with Wanda and with the best plain scorer of the same
+run. Patterns: 50 %, 60 %, 70 %, 2:4, 4:8.
 
 Per run: WikiText-2 and C4 perplexity, achieved sparsity, pruning seconds (total, calibration
 forward passes, the method's own arithmetic), peak RSS of the pruning phase, and the time as
-a multiple of Wanda's at the same pattern. The markdown table ends with the targets of issue 13:
+a multiple of Wanda's at the same pattern timed by the same process (a resumed grid times Wanda
+again: another session may get a machine of another speed). The markdown table ends with the targets of issue 13:
 the best method other than SparseGPT at most 0.95 × SparseGPT's WikiText-2 perplexity at 50 %,
 0.85 × at 2:4 and 0.80 × at 70 %.
 
@@ -49,7 +52,13 @@ NM = ("2:4", "4:8")
 # Issue 13: best secateur method's WikiText-2 perplexity / SparseGPT's, at most this.
 TARGETS = {"0.5": 0.95, "2:4": 0.85, "0.7": 0.80}
 REFERENCE = "sparsegpt"  # the variant the targets compare against
-TIME_REFERENCE = "wanda"  # each run's time is stated as a multiple of this variant's, same pattern
+# Each run's time is stated as a multiple of this variant's, same pattern, measured by the same
+# process: a grid resumed in another session may run on a machine of another speed, so every
+# process that runs a pattern first times this variant there (a `time_reference` row if the
+# pattern already has one from an earlier process).
+TIME_REFERENCE = "wanda"
+PROCESS = time.strftime("%Y-%m-%dT%H:%M:%S%z")  # this run of the script; rows carry it
+FIRST_PROCESS = "2026-12-02 (first)"  # the grid's first process recorded none
 BEST_SCORER = "best"  # a variant's method chosen at run time among SCORERS (see best_scorer)
 SCORERS = ("wanda", "stade", "ria")  # plain scoring methods: no weight update, cheap under TRIM
 
@@ -85,6 +94,11 @@ VARIANTS = [
     Variant("wanda+fit", "wanda", {"block_fit": 1}, cost=3),
     Variant("sparsegpt+fit", "sparsegpt", {"block_fit": 1}, cost=3),
     Variant("alps+fit", "alps", {"block_fit": 1}, cost=4),
+    # The fit's learning rate, against the default 3e-4 (sparsegpt+fit): the ablation that chose it.
+    Variant("sparsegpt+fit-lr1e-5", "sparsegpt", {"block_fit": 1, "block_fit_lr": 1e-5}, patterns=("0.5",), cost=5),
+    Variant("sparsegpt+fit-lr1e-4", "sparsegpt", {"block_fit": 1, "block_fit_lr": 1e-4}, patterns=("0.5",), cost=5),
+    Variant("sparsegpt+fit-lr1e-3", "sparsegpt", {"block_fit": 1, "block_fit_lr": 1e-3}, patterns=("0.5",), cost=5),
+    Variant("sparsegpt+fit3", "sparsegpt", {"block_fit": 3}, patterns=("0.5",), cost=5),
     # ALPS offers TRIM its first ranking (trim_scores), so TRIM costs it one ALPS run per layer.
     Variant("alps-owl+trim", "alps", allocation="owl+trim", patterns=("0.6", "0.7"), cost=4),
 ]
@@ -169,9 +183,15 @@ def main() -> None:
         }, indent=2))
         return table
 
-    for variant, pattern in runs:
-        if (variant.name, pattern) in done:
-            continue
+    pending = [(variant, pattern) for variant, pattern in runs if (variant.name, pattern) not in done]
+    for pattern in dict.fromkeys(pattern for _, pattern in pending):
+        if time_reference(rows, pattern, PROCESS) is None:  # timed first, by this process
+            index = next(i for i, (_, p) in enumerate(pending) if p == pattern)
+            reference = (BY_NAME[TIME_REFERENCE], pattern)
+            if reference in pending:
+                pending.remove(reference)
+            pending.insert(index, reference)
+    for variant, pattern in pending:
         method = variant.method
         if method == BEST_SCORER:
             method = best_scorer(rows, pattern, datasets[0])
@@ -187,7 +207,9 @@ def main() -> None:
                 continue
         recipe = recipe_for(variant, method, pattern, args)
         row = {"variant": variant.name, "pattern": pattern, "method": method, "options": variant.options,
-               "allocation": variant.allocation}
+               "allocation": variant.allocation, "process": PROCESS}
+        if (variant.name, pattern) in done:  # the pattern's time reference again, for this process's rows
+            row["time_reference"] = True
         model = copy.deepcopy(dense)
         try:
             started = time.perf_counter()
@@ -217,6 +239,13 @@ def main() -> None:
     print(save())
 
 
+def time_reference(rows: list[dict], pattern: str, process: str | None) -> dict | None:
+    """The TIME_REFERENCE row at `pattern` measured by `process` (None: rows of the grid's first
+    session, which recorded no process)."""
+    return next((row for row in rows if row["variant"] == TIME_REFERENCE and row["pattern"] == pattern
+                 and row.get("process") == process and "error" not in row), None)
+
+
 def ratio(value: float | None, reference: float | None) -> float | None:
     return value / reference if value is not None and reference else None
 
@@ -224,9 +253,10 @@ def ratio(value: float | None, reference: float | None) -> float | None:
 def render(rows: list[dict], dense_ppl: dict, datasets: list[str], args) -> str:
     """One table per pattern (grid order), then the targets."""
     ok = [row for row in rows if "error" not in row]
+    shown = [row for row in ok if not row.get("time_reference")]
 
     def find(variant: str, pattern: str) -> dict | None:
-        return next((row for row in ok if row["variant"] == variant and row["pattern"] == pattern), None)
+        return next((row for row in shown if row["variant"] == variant and row["pattern"] == pattern), None)
 
     lines = [
         (f"Model: {args.model}, fp32, CPU ({torch.get_num_threads()} threads). Calibration: {args.nsamples} windows "
@@ -235,15 +265,15 @@ def render(rows: list[dict], dense_ppl: dict, datasets: list[str], args) -> str:
          + ", ".join(f"{d} {dense_ppl[d]:.2f}" for d in datasets) + "."),
         "",
         ("| pattern | variant | method | allocation | " + " | ".join(f"{d} ppl" for d in datasets)
-         + " | achieved | prune s | calib fwd s | method s | × Wanda time | peak RSS MB (Δ) |"),
-        "|---|---|---|---|" + "---:|" * (len(datasets) + 6),
+         + " | achieved | prune s | calib fwd s | method s | × Wanda time | peak RSS MB (Δ) | timed by |"),
+        "|---|---|---|---|" + "---:|" * (len(datasets) + 6) + "---|",
     ]
     for pattern in dict.fromkeys(row["pattern"] for row in rows):
-        wanda = find(TIME_REFERENCE, pattern)
-        for row in (r for r in rows if r["pattern"] == pattern):
+        for row in (r for r in rows if r["pattern"] == pattern and not r.get("time_reference")):
+            wanda = time_reference(ok, pattern, row.get("process"))
             head = f"| {pattern} | {row['variant']} | {row['method']} | {row['allocation']} | "
             if "error" in row:
-                lines.append(head + " | ".join("failed" for _ in datasets) + f" | {row['error'][:80]} | | | | | |")
+                lines.append(head + " | ".join("failed" for _ in datasets) + f" | {row['error'][:80]} | | | | | | |")
                 continue
             memory = row["memory_mb"]
             times = ratio(row["timings_s"]["total"], wanda and wanda["timings_s"]["total"])
@@ -253,11 +283,14 @@ def render(rows: list[dict], dense_ppl: dict, datasets: list[str], args) -> str:
                 head + " | ".join(f"{row['perplexity'][d]:.2f}" for d in datasets)
                 + f" | {row['achieved']:.3f} | {row['timings_s']['total']:.1f} | {row['forward_s']:.1f} | "
                 f"{row['timings_s'].get('pruning', 0.0):.1f} | {'n/a' if times is None else f'{times:.2f}'} | "
-                f"{memory['rss_peak_mb']:.0f} ({memory['rss_peak_mb'] - (memory['rss_before_mb'] or 0):+.0f}) |"
+                f"{memory['rss_peak_mb']:.0f} ({memory['rss_peak_mb'] - (memory['rss_before_mb'] or 0):+.0f}) | "
+                f"{row['process'][:16].replace('T', ' ') if 'process' in row else FIRST_PROCESS} |"
             )
-    lines += ["", ("× Wanda time: the run's total pruning time over Wanda's at the same pattern, this run. "
+    lines += ["", ("× Wanda time: the run's total pruning time over Wanda's at the same pattern, timed by the same "
+                   "process (seconds from different processes may come from machines of different speeds: "
+                   f"{len({row.get('process') for row in ok})} process(es) made this table). "
                    "Peak RSS of the pruning phase (Δ: over the RSS when it began, which holds the dense model and "
-                   "the copy being pruned)."), "", *render_targets(ok, datasets[0], find)]
+                   "the copy being pruned)."), "", *render_targets(shown, datasets[0], find)]
     return "\n".join(lines) + "\n"
 
 

@@ -113,7 +113,7 @@ class Refiner(Protocol):
 REFINE_OPTION = "refine"
 # block_fit=K: K rounds of regional optimisation after each block (0: none); the learning rate and
 # windows per round default to what `benchmarks/methods.py`'s block-fit ablation chose under P0.
-BLOCK_FIT_DEFAULTS = {"block_fit": 0, "block_fit_lr": 1e-5, "block_fit_windows": 32}
+BLOCK_FIT_DEFAULTS = {"block_fit": 0, "block_fit_lr": 3e-4, "block_fit_windows": 32}
 REFINERS: dict[str, Refiner] = {}  # filled by the modules that define them (register_refiner)
 
 
