@@ -59,8 +59,9 @@ __all__ = [
 @dataclass(frozen=True)
 class RegionalPlan:
     """What a regional method asks of the engine for every block: its regional gradients before
-    pruning (unless `gradients` is False), then `rounds` rounds of regional optimisation, each on `samples` windows drawn at
-    random (one RMSprop step per window, learning rate `lr`). `rounds = 0`: gradients only."""
+    pruning (unless `gradients` is False), then `rounds` rounds of regional optimisation, each on
+    `samples` windows drawn at random (one RMSprop step per window, learning rate `lr`).
+    `rounds = 0`: gradients only."""
 
     rounds: int
     samples: int

@@ -130,8 +130,8 @@ def _prune_blocks(session: BlockSession, method, recipe, input_ids, start: float
                 if method.needs:
                     # Gram or cross matrices: under torchrun each layer is solved by one owner rank.
                     stats = session.gather(index, views, method.needs, owners=bool(method.needs & set(LARGE_SUMS)))
-                # A regional method (Wanda++, or block_fit=K): block-level gradients (and the dense outputs its fit
-                # needs) before pruning, the fit of the pruned block to the dense one after.
+                # A regional method (Wanda++, or block_fit=K): block-level gradients (and the dense
+                # outputs its fit needs) before pruning, the fit of the pruned block to the dense one after.
                 regional = RegionalPlan.of(method)
                 prepared = regional.prepare(session, index, block, views) if regional else None
                 with session.phase("pruning"):
