@@ -164,16 +164,10 @@ def test_recipes_read_exponent_numbers_as_numbers(text, value):
 
 def test_a_streamed_prune_with_block_fit_saves_what_the_in_memory_prune_saves(tmp_path):
     """`prune --stream` with the fit: one block in memory at a time gives the in-memory checkpoint."""
-    from conftest import file_tensors
-    from test_stream_prune import _prune_both
-    from tiny_models import tiny_tokenizer
+    from test_stream_prune import prune_tiny_both
 
-    directory = tmp_path / "llama"
-    build_tiny_model("llama").save_pretrained(directory)
-    tiny_tokenizer().save_pretrained(directory)
     recipe = {"method": "sparsegpt", "sparsity": 0.5, "method_options": QUICK}
-    in_memory, streamed, _, report = _prune_both(directory, recipe, tmp_path)
-    left, right = file_tensors(in_memory), file_tensors(streamed)
+    left, right, _, report = prune_tiny_both("llama", recipe, tmp_path)
     assert left.keys() == right.keys()
     assert all(torch.allclose(left[name], right[name], atol=1e-6, rtol=0) for name in left)
     assert report.timings_s["regional_optimization"] > 0

@@ -9,13 +9,13 @@ import json
 
 import pytest
 import torch
-from conftest import file_tensors, tiny_model_and_text
+from conftest import tiny_model_and_text
 from safetensors.torch import load_file
 from test_distributed_prune import _args, _one_process
 from test_engine import assert_untouched, calibration_ids, targeted_weights
 from test_methods import correlated_inputs, stats_for
-from test_stream_prune import _prune_both
-from tiny_models import build_tiny_model, tiny_tokenizer
+from test_stream_prune import prune_tiny_both
+from tiny_models import build_tiny_model
 from torchrun_launch import torchrun
 
 import secateur
@@ -337,11 +337,7 @@ def test_two_processes_save_the_checkpoint_of_one(tmp_path):
 def test_a_streamed_prune_saves_what_the_in_memory_prune_saves(tmp_path):
     """`prune --stream`: gradients, fit and advance all happen while the session holds the block,
     so one block in memory at a time gives the in-memory checkpoint, bit for bit."""
-    directory = tmp_path / "llama"
-    build_tiny_model("llama").save_pretrained(directory)
-    tiny_tokenizer().save_pretrained(directory)
     recipe = {"method": "wanda++", "sparsity": 0.5, "method_options": QUICK}
-    in_memory, streamed, expected, report = _prune_both(directory, recipe, tmp_path)
-    left, right = file_tensors(in_memory), file_tensors(streamed)
+    left, right, expected, report = prune_tiny_both("llama", recipe, tmp_path)
     assert left.keys() == right.keys() and all(torch.equal(left[name], right[name]) for name in left)
     assert report.layers == expected.layers

@@ -66,6 +66,16 @@ def _prune_both(directory: Path, recipe: dict, tmp_path: Path):
     return tmp_path / "in-memory", tmp_path / "streamed", expected, report
 
 
+def prune_tiny_both(arch: str, recipe: dict, tmp_path: Path):
+    """A tiny `arch` model saved to disk, pruned in memory and streamed: (in-memory tensors,
+    streamed tensors, in-memory report, streamed report)."""
+    directory = tmp_path / arch
+    build_tiny_model(arch).save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    in_memory, streamed, expected, report = _prune_both(directory, recipe, tmp_path)
+    return file_tensors(in_memory), file_tensors(streamed), expected, report
+
+
 CASES = [
     ("llama", {"method": "magnitude", "sparsity": 0.5}, 0.0),
     ("llama", {"method": "wanda", "sparsity": 0.5}, 0.0),
