@@ -137,7 +137,8 @@ def unavailable(variant: Variant, pattern: str, args) -> str | None:
 
 def best_scorer(rows: list[dict], pattern: str, dataset: str) -> str | None:
     """The plain scorer with the lowest `dataset` perplexity among this run's uniform rows at `pattern`."""
-    done = [row for row in rows if row["pattern"] == pattern and row["variant"] in SCORERS and "perplexity" in row]
+    done = [row for row in rows if row["pattern"] == pattern and row["variant"] in SCORERS
+            and dataset in row.get("perplexity", {})]
     return min(done, key=lambda row: row["perplexity"][dataset])["variant"] if done else None
 
 
@@ -166,16 +167,24 @@ def main() -> None:
             runs.append((variant, pattern))
 
     # Checked before the model loads: a resume with other settings stops at once.
-    rows = resumed_rows(Path(args.out) / "methods.json", args, free=("resume", "only", "patterns")) if args.resume else []
+    # --datasets may change on resume (e.g. WikiText-2 alone, the protocol's measure, to halve each row's
+    # evaluation): the table shows n/a where a row was not evaluated on a dataset.
+    path = Path(args.out) / "methods.json"
+    rows = resumed_rows(path, args, free=("resume", "only", "patterns", "datasets")) if args.resume else []
+    previous = json.loads(path.read_text()) if rows else {"dense": {}, "evaluation": {}}
     torch.manual_seed(0)
     out, datasets, loaded, calib = load_setup(args)
     dense, tokenizer = loaded.model, loaded.tokenizer
     rows = [row for row in rows if "error" not in row]  # a failed run is tried again
     done = {(row["variant"], row["pattern"]) for row in rows}
-    dense_ppl, eval_protocol = evaluate_perplexity(dense, tokenizer, datasets, args)
+    # The dense model's perplexity is deterministic: a resumed grid evaluates only datasets it lacks.
+    dense_ppl, eval_protocol = evaluate_perplexity(dense, tokenizer, [d for d in datasets if d not in previous["dense"]],
+                                                   args)
+    dense_ppl, eval_protocol = previous["dense"] | dense_ppl, previous["evaluation"] | eval_protocol
+    shown_datasets = list(dict.fromkeys([*datasets, *dense_ppl]))
 
     def save() -> str:
-        table = render(rows, dense_ppl, datasets, args)
+        table = render(rows, dense_ppl, shown_datasets, args)
         (out / "methods.md").write_text(table)
         (out / "methods.json").write_text(json.dumps({
             "dense": dense_ppl, "runs": rows, "calibration": calib.protocol, "evaluation": eval_protocol,
@@ -215,7 +224,8 @@ def main() -> None:
             started = time.perf_counter()
             _, report = secateur.prune(model, recipe, calib, progress=False)
             elapsed = time.perf_counter() - started
-            ppl, _ = evaluate_perplexity(model, tokenizer, datasets, args)
+            # A time reference is shown only as the denominator of × Wanda time: its perplexity is not needed.
+            ppl = {} if row.get("time_reference") else evaluate_perplexity(model, tokenizer, datasets, args)[0]
         except Exception as error:  # noqa: BLE001  one broken method must not end a night's grid
             traceback.print_exc()
             row["error"] = f"{type(error).__name__}: {error}"
@@ -280,7 +290,7 @@ def render(rows: list[dict], dense_ppl: dict, datasets: list[str], args) -> str:
             if any(w.startswith("OWL not applied") for w in row["warnings"]):
                 head = head.replace(f"| {row['allocation']} |", f"| {row['allocation']} (OWL not applied) |")
             lines.append(
-                head + " | ".join(f"{row['perplexity'][d]:.2f}" for d in datasets)
+                head + " | ".join(f"{row['perplexity'][d]:.2f}" if d in row["perplexity"] else "n/a" for d in datasets)
                 + f" | {row['achieved']:.3f} | {row['timings_s']['total']:.1f} | {row['forward_s']:.1f} | "
                 f"{row['timings_s'].get('pruning', 0.0):.1f} | {'n/a' if times is None else f'{times:.2f}'} | "
                 f"{memory['rss_peak_mb']:.0f} ({memory['rss_peak_mb'] - (memory['rss_before_mb'] or 0):+.0f}) | "
@@ -299,7 +309,8 @@ def render_targets(rows: list[dict], dataset: str, find) -> list[str]:
              f"| pattern | best variant | its ppl | {REFERENCE} ppl | ratio | target | met |", "|---|---|---:|---:|---:|---:|---|"]
     for pattern, target in TARGETS.items():
         reference = find(REFERENCE, pattern)
-        others = [row for row in rows if row["pattern"] == pattern and row["variant"] != REFERENCE]
+        others = [row for row in rows if row["pattern"] == pattern and row["variant"] != REFERENCE
+                  and dataset in row["perplexity"]]
         if reference is None or not others:
             lines.append(f"| {pattern} | not measured | | | | ≤ {target} | |")
             continue
