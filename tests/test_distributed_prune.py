@@ -58,8 +58,11 @@ def _one_process(args: list[str]) -> None:
     ["--method", "block-drop", "--sparsity", "0.5"],
     ["--method", "wanda", "--sparsity", "0.5", "--stream"],  # every rank streams; rank 0 writes
     ["--method", "putri", "--sparsity", "0.3", "--stream"],
+    # rank 0 fits each block on every rank's windows and broadcasts the fitted weights
+    ["--method", "sparsegpt", "--sparsity", "0.5", "--method-option", "block_fit=1",
+     "--method-option", "block_fit_windows=3", "--method-option", "block_fit_lr=1e-3"],
 ], ids=["wanda", "sparsegpt", "sparsegpt-2:4", "stade", "putri", "putri-global", "putri-search", "block-drop",
-        "wanda-stream", "putri-stream"])
+        "wanda-stream", "putri-stream", "sparsegpt-block-fit"])
 def test_two_processes_save_the_checkpoint_of_one(inputs, tmp_path, recipe):
     _one_process(_args(inputs, tmp_path / "one", [flag for flag in recipe if flag != "--stream"]))
     torchrun(2, ["-m", "secateur", *_args(inputs, tmp_path / "two", recipe)], LAUNCH_TIMEOUT_S)

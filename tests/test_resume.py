@@ -69,6 +69,9 @@ CASES = [
     ("llama", {"method": "flap", "sparsity": 0.3}, "flap-stats/0"),
     ("llama", {"method": "wanda-sp", "sparsity": 0.3}, "wanda-sp/0"),
     ("gemma3_text", {"method": "block-drop", "sparsity": 0.34}, "block-influence/1"),
+    # The block fit draws its windows at random: the resumed run must draw what the killed one would have.
+    ("llama", {"method": "sparsegpt", "sparsity": 0.5,
+               "method_options": {"block_fit": 2, "block_fit_windows": 2, "block_fit_lr": 3e-4}}, "prune/0"),
 ]
 
 
