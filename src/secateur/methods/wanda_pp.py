@@ -54,7 +54,7 @@ windows: Wanda needs 2N (statistics, advance). Wanda++ needs 5N + 3U + 3K·min(M
 2N, 3N for the gradients, 3 forwards over the U ≤ min(N, K·M) windows RO uses (dense targets,
 error before and after) and K·min(M, N) forward+backward steps. With the defaults and N = 128
 (U ≈ 98): about 1410 against 256, 5.5× Wanda; with N = 32 (the P0 protocol) 736 against 64,
-11.5× (measured: 13–15× Wanda's time, README).
+11.5× (measured: 12–14.5× Wanda's time, README).
 """
 
 from __future__ import annotations
