@@ -49,20 +49,25 @@ def evaluate_perplexity(model, tokenizer, datasets, args) -> tuple[dict, dict]:
     return values, protocols
 
 
-def resumed_rows(path, args, free: tuple[str, ...]) -> list[dict]:
-    """The rows an interrupted run with the same settings left in `path` (JSON with "runs" and
-    "args"); exits if they were made with other settings (apart from the `free` flags)."""
+def resumed_results(path, args, free: tuple[str, ...]) -> dict:
+    """What an interrupted run with the same settings left in `path` (JSON with "runs" and "args"),
+    {} if nothing; exits if it was made with other settings (apart from the `free` flags)."""
     import json
     import sys
 
     if not path.exists():
-        return []
+        return {}
     previous = json.loads(path.read_text())
     same = {k: v for k, v in previous["args"].items() if k not in free}
     now = {k: v for k, v in vars(args).items() if k not in free}
     if same != now:
         sys.exit(f"--resume: {path} was made with other settings: {same}")
-    return previous["runs"]
+    return previous
+
+
+def resumed_rows(path, args, free: tuple[str, ...]) -> list[dict]:
+    """The rows of `resumed_results`."""
+    return resumed_results(path, args, free).get("runs", [])
 
 
 def environment() -> dict:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from common import benchmark_parser, environment, evaluate_perplexity, load_setup, resumed_rows
+from common import benchmark_parser, environment, evaluate_perplexity, load_setup, resumed_results
 
 import secateur
 from secateur.errors import SecateurError
@@ -169,18 +169,18 @@ def main() -> None:
     # Checked before the model loads: a resume with other settings stops at once.
     # --datasets may change on resume (e.g. WikiText-2 alone, the protocol's measure, to halve each row's
     # evaluation): the table shows n/a where a row was not evaluated on a dataset.
-    path = Path(args.out) / "methods.json"
-    rows = resumed_rows(path, args, free=("resume", "only", "patterns", "datasets")) if args.resume else []
-    previous = json.loads(path.read_text()) if rows else {"dense": {}, "evaluation": {}}
+    previous = (resumed_results(Path(args.out) / "methods.json", args, free=("resume", "only", "patterns", "datasets"))
+                if args.resume else {})
+    rows = previous.get("runs", [])
     torch.manual_seed(0)
     out, datasets, loaded, calib = load_setup(args)
     dense, tokenizer = loaded.model, loaded.tokenizer
     rows = [row for row in rows if "error" not in row]  # a failed run is tried again
     done = {(row["variant"], row["pattern"]) for row in rows}
     # The dense model's perplexity is deterministic: a resumed grid evaluates only datasets it lacks.
-    dense_ppl, eval_protocol = evaluate_perplexity(dense, tokenizer, [d for d in datasets if d not in previous["dense"]],
-                                                   args)
-    dense_ppl, eval_protocol = previous["dense"] | dense_ppl, previous["evaluation"] | eval_protocol
+    known_dense = previous.get("dense", {})
+    dense_ppl, eval_protocol = evaluate_perplexity(dense, tokenizer, [d for d in datasets if d not in known_dense], args)
+    dense_ppl, eval_protocol = known_dense | dense_ppl, previous.get("evaluation", {}) | eval_protocol
     shown_datasets = list(dict.fromkeys([*datasets, *dense_ppl]))
 
     def save() -> str:
