@@ -8,6 +8,7 @@ from secateur.methods import (  # noqa: F401
     magnitude,
     putri,
     ria,
+    sparsefw,
     sparsegpt,
     stade,
     wanda,

@@ -1,4 +1,4 @@
-"""The linear algebra that the reconstruction methods (SparseGPT, ALPS, Putri) share.
+"""The linear algebra that the reconstruction methods (SparseGPT, ALPS, SparseFW, Putri) share.
 
 All of them minimise a layer's output error ‖XWᵀ − XŴᵀ‖², whose Hessian is H = (2/n)·XᵀX
 (the `gram` statistic). They need it in float64, with the inputs that never fired made
@@ -14,6 +14,7 @@ from secateur.errors import SecateurError
 from secateur.stats import LinearStats
 
 DAMP_RETRIES = 6  # each retry multiplies the damping by 10
+CG_RTOL = 1e-4  # the support refit stops when every row's residual is this small against its right-hand side
 
 
 def layer_hessian(stats: LinearStats, method: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,3 +51,53 @@ def inverse_cholesky_upper(H: torch.Tensor, damp: float, method: str = "sparsegp
         f"a layer's Hessian is singular (not positive definite even with damping {factor / 10:g} · mean "
         f"diagonal): use more calibration data or a larger {method} damp"
     )
+
+
+def damped_hessian(stats: LinearStats, damp: float, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`layer_hessian` with λ = damp · mean(diag H) added to its diagonal (ALPS's and SparseFW's refit)."""
+    H, dead = layer_hessian(stats, method)
+    H.diagonal().add_(damp * H.diagonal().mean())
+    return H, dead
+
+
+def refit_kept_weights(weight: torch.Tensor, stats: LinearStats, kept: torch.Tensor, damp: float,
+                       iterations: int, method: str) -> torch.Tensor:
+    """The weights on `kept` (zero elsewhere) that best reproduce the dense layer's outputs: least
+    squares on a fixed support, row by row, by `conjugate_gradient_on_support` from the dense values,
+    in the coordinates where the damped H has a unit diagonal (its Jacobi preconditioner)."""
+    H, dead = damped_hessian(stats, damp, method)
+    scale = H.diagonal().sqrt()
+    G = (H / scale.unsqueeze(0) / scale.unsqueeze(1)).to(torch.float32)
+    scale = scale.to(torch.float32)
+    dense = weight.detach().to(torch.float32) * scale
+    dense[:, dead] = 0.0
+    refit = conjugate_gradient_on_support(G, dense @ G, dense * kept, kept, iterations)
+    return (refit / scale).to(weight.dtype)
+
+
+def conjugate_gradient_on_support(G: torch.Tensor, rhs: torch.Tensor, start: torch.Tensor, kept: torch.Tensor,
+                        iterations: int) -> torch.Tensor:
+    """Least squares on a fixed support, every row at once: for each row i, the b (zero off
+    `kept[i]`) solving (bG)_S = rhs_S on its support S, from `start`.
+
+    Conjugate gradients on the restricted operator P ↦ (PG)⊙kept; G's unit diagonal is the
+    Jacobi preconditioner. Stops when every row's residual is below CG_RTOL × its right-hand side.
+    """
+    B = start.clone()
+    residual = (rhs - B @ G) * kept
+    direction = residual.clone()
+    energy = residual.square().sum(1)
+    stop = (CG_RTOL * (rhs * kept).norm(dim=1)).square()
+    for _ in range(iterations):
+        if bool((energy <= stop).all()):
+            break
+        moved = (direction @ G) * kept
+        curvature = (direction * moved).sum(1)
+        step = torch.where(curvature > 0, energy / curvature.clamp_min(torch.finfo(curvature.dtype).tiny), 0.0)
+        B += step.unsqueeze(1) * direction
+        residual -= step.unsqueeze(1) * moved
+        new_energy = residual.square().sum(1)
+        direction = residual + torch.where(energy > 0, new_energy / energy.clamp_min(torch.finfo(energy.dtype).tiny),
+                                           0.0).unsqueeze(1) * direction
+        energy = new_energy
+    return B

@@ -42,7 +42,7 @@ import torch
 
 from secateur.errors import SecateurError
 from secateur.masks import prune_mask
-from secateur.methods._linalg import layer_hessian
+from secateur.methods._linalg import conjugate_gradient_on_support, damped_hessian
 from secateur.methods.base import PruneResult, SparsityTarget, register
 from secateur.stats import LinearStats
 
@@ -53,7 +53,6 @@ RHO_STEPS = ((0.1, 1.3), (0.005, 1.2))
 RHO_SMALL_CHANGE = 1.1  # any smaller change, once ρ has started growing
 RHO_RESTART_DIVISOR = 5.0  # ρ too large from the start: ADMM would stay at the initial mask
 SETTLED_SHARE = 0.0003  # after `switch_iter`, a support moving less than this is final
-CG_RTOL = 1e-4
 
 
 @register
@@ -98,7 +97,7 @@ class ALPS:
         dense[:, dead] = 0.0
         dense_G = dense @ G  # B̂G, the right-hand side of every solve
         sparse, removed = self._admm(dense, dense_G, eigenvalues, eigenvectors, target)
-        refit = _conjugate_gradient(G, dense_G, sparse, ~removed, self.cg_iter)
+        refit = conjugate_gradient_on_support(G, dense_G, sparse, ~removed, self.cg_iter)
         return PruneResult(refit / scale)
 
     def trim_scores(self, weight: torch.Tensor, stats: LinearStats) -> torch.Tensor:
@@ -108,9 +107,7 @@ class ALPS:
         return (weight.abs().float() * H.diagonal().sqrt().to(torch.float32)).masked_fill(dead, 0.0)
 
     def _damped_hessian(self, stats: LinearStats) -> tuple[torch.Tensor, torch.Tensor]:
-        H, dead = layer_hessian(stats, "alps")
-        H.diagonal().add_(self.damp * H.diagonal().mean())
-        return H, dead
+        return damped_hessian(stats, self.damp, "alps")
 
     def _admm(self, dense, dense_G, eigenvalues, eigenvectors, target) -> tuple[torch.Tensor, torch.Tensor]:
         """ADMM's last B projected onto the pattern (the refit's start) and its mask (True = removed)."""
@@ -152,31 +149,3 @@ class ALPS:
             if iteration >= self.switch_iter and share < SETTLED_SHARE:
                 break
         return project(B)
-
-
-def _conjugate_gradient(G: torch.Tensor, rhs: torch.Tensor, start: torch.Tensor, kept: torch.Tensor,
-                        iterations: int) -> torch.Tensor:
-    """Least squares on a fixed support, every row at once: for each row i, the b (zero off
-    `kept[i]`) solving (bG)_S = rhs_S on its support S, from `start`.
-
-    Conjugate gradients on the restricted operator P ↦ (PG)⊙kept; G's unit diagonal is the
-    Jacobi preconditioner. Stops when every row's residual is below CG_RTOL × its right-hand side.
-    """
-    B = start.clone()
-    residual = (rhs - B @ G) * kept
-    direction = residual.clone()
-    energy = residual.square().sum(1)
-    stop = (CG_RTOL * (rhs * kept).norm(dim=1)).square()
-    for _ in range(iterations):
-        if bool((energy <= stop).all()):
-            break
-        moved = (direction @ G) * kept
-        curvature = (direction * moved).sum(1)
-        step = torch.where(curvature > 0, energy / curvature.clamp_min(torch.finfo(curvature.dtype).tiny), 0.0)
-        B += step.unsqueeze(1) * direction
-        residual -= step.unsqueeze(1) * moved
-        new_energy = residual.square().sum(1)
-        direction = residual + torch.where(energy > 0, new_energy / energy.clamp_min(torch.finfo(energy.dtype).tiny),
-                                           0.0).unsqueeze(1) * direction
-        energy = new_energy
-    return B
