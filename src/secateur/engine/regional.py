@@ -54,6 +54,9 @@ __all__ = [
     "regional_optimize",
 ]
 
+# The start of the warning a block whose fit was undone leaves in the report: tests and tools match it.
+FIT_UNDONE = "regional optimisation raised the block's output error"
+
 
 # --- the plan a method declares ----------------------------------------------------------------
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ class RegionalPlan:
         fit = regional_optimize(session, index, block, views, state.positions, state.targets, kept,
                                 state.schedule, self.lr)
         if fit.reverted:
-            message = (f"block {index}: regional optimisation raised the block's output error on its windows "
+            message = (f"block {index}: {FIT_UNDONE} on its windows "
                        f"({fit.error_before:.4g} -> {fit.error_after:.4g}); the block keeps its pruned weights "
                        f"without it (lower {self.lr_option})")
             session.warnings.append(message)
