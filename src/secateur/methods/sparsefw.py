@@ -24,8 +24,8 @@ Decisions (where the paper leaves a choice, or a port must):
     for every row when groups are rows or N:M groups (the rows do not interact: f is a sum over
     rows), for the whole layer when the group is the layer. A step never raises the relaxed
     objective; D H is updated in place, so an iteration costs one (out × in × in) product.
-  - `iterations` = 100 by default: about what ALPS spends on a layer (tens to 300 products), so
-    the two compare at the same cost; the paper runs more on a GPU.
+  - `iterations` = 100 by default: ALPS spends tens to 300 such products on a layer; measured on
+    SmolLM2's layers (benchmarks/layer_error.py) SparseFW's 100 take 1.6–2.0 × ALPS's time.
   - Rounding can lose what the relaxation gained: every row (or the layer, for scope "layer")
     keeps the better, by f, of the rounded mask and Wanda's; so f never ends above Wanda's.
   - The paper's method removes weights and updates nothing (it compares with Wanda and RIA).
