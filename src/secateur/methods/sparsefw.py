@@ -89,11 +89,11 @@ class SparseFW:
     def trim_scores(self, weight: torch.Tensor, stats: LinearStats) -> torch.Tensor:
         """SparseFW's start, Wanda's score from the Gram diagonal: TRIM's search ranks by it instead of
         running Frank-Wolfe for every candidate allocation (secateur.trim), as it does for ALPS."""
-        return _saliency(weight.detach().float(), (stats.gram / max(stats.count, 1)).to(torch.float32))
+        return _saliency(weight.detach().float(), (stats.gram.diagonal() / max(stats.count, 1)).to(torch.float32))
 
     def select_mask(self, W: torch.Tensor, H: torch.Tensor, target: SparsityTarget) -> torch.Tensor:
         """The mask (True = removed) Frank-Wolfe settles on, never worse by f than Wanda's."""
-        saliency = _saliency(W, H)
+        saliency = _saliency(W, H.diagonal())
         start = ~prune_mask(saliency, target)  # Wanda's kept weights
         fixed = _fixed_weights(saliency, start, target, self.fixed_share)
         whole_layer = target.kind == "unstructured" and target.row_counts is None and target.scope == "layer"
@@ -127,9 +127,9 @@ class SparseFW:
         return ~kept
 
 
-def _saliency(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """|W_ij|·‖X_:,j‖ (Wanda's score; H is XᵀX / n, so the norm is up to a factor every score shares)."""
-    return W.abs() * H.diagonal().clamp_min(0.0).sqrt()
+def _saliency(W: torch.Tensor, mean_square: torch.Tensor) -> torch.Tensor:
+    """|W_ij|·‖X_:,j‖ (Wanda's score) from diag(XᵀX) / n: the norm up to a factor every score shares."""
+    return W.abs() * mean_square.clamp_min(0.0).sqrt()
 
 
 def _output_error(W: torch.Tensor, H: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
